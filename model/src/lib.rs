@@ -1,0 +1,89 @@
+//! Phi-2 in Burn: configuration, model, KV cache, sampling, checkpoint and tokenizer loading.
+//!
+//! Everything is generic over `B: Backend`; the backend is chosen only by the binary.
+
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod norm;
+pub mod phi;
+pub mod rotary;
+pub mod safetensors;
+pub mod sampling;
+pub mod tokenizer;
+
+mod attention;
+
+pub use checkpoint::Checkpoint;
+pub use config::PhiConfig;
+pub use error::{Error, Result};
+pub use phi::Phi;
+pub use tokenizer::PhiTokenizer;
+
+use std::io::Read;
+use std::path::Path;
+
+/// Reads a text file, refusing files over `limit` bytes (so a wrong path to a huge file gives a
+/// clear error instead of exhausting memory).
+pub fn read_small_file(path: &Path, limit: u64) -> Result<String> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > limit {
+        return Err(Error::Invalid(format!(
+            "{}: {len} bytes is larger than the {limit}-byte limit for this kind of file",
+            path.display()
+        )));
+    }
+    let mut s = String::new();
+    file.take(limit)
+        .read_to_string(&mut s)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(s)
+}
+
+/// Writes `path` through a temporary file in the same directory, fsynced and renamed into place:
+/// a reader never sees a half-written file and an interrupted write leaves the old one intact.
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::new(&file);
+        write(&mut w)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr (hidden automatically when stderr is not a terminal).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

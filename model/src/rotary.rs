@@ -1,0 +1,74 @@
+//! Partial rotary position embedding in the non-interleaved "rotate_half" layout (HF's
+//! `apply_rotary_pos_emb`): only the first `dim` channels of each q/k head are rotated,
+//! channel i is paired with channel i + dim/2 (NOT adjacent pairs), the rest pass through.
+
+use burn::module::Module;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+#[derive(Module, Debug, Clone)]
+pub struct RotaryEmbedding {
+    pub dim: usize,
+    pub theta: f64,
+}
+
+impl RotaryEmbedding {
+    pub fn new(dim: usize, theta: f64) -> Self {
+        Self { dim, theta }
+    }
+
+    /// `cos` and `sin` tables `[seq, dim]` for positions `start..start + seq`.
+    ///
+    /// Computed in f32 exactly as HF does (`inv_freq` in f32, `pos * inv_freq` in f32), so the
+    /// angles round identically; built on the host per call, which is cheap (seq x dim values)
+    /// and has no maximum length.
+    pub fn tables<B: Backend>(
+        &self,
+        start: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let half = self.dim / 2;
+        let base = self.theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / self.dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(seq * self.dim);
+        let mut sin = Vec::with_capacity(seq * self.dim);
+        for p in start..start + seq {
+            // emb = cat(freqs, freqs): both halves of a row use the same angles.
+            let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+            for a in angles.iter().chain(&angles) {
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let shape = [seq, self.dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+
+    /// Rotates `x: [batch, heads, seq, head_dim]` with tables from [`Self::tables`].
+    pub fn apply<B: Backend>(
+        &self,
+        x: Tensor<B, 4>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+    ) -> Tensor<B, 4> {
+        let [_, _, _, head_dim] = x.dims();
+        let half = self.dim / 2;
+        let x_rot = x.clone().narrow(3, 0, self.dim);
+        let x1 = x_rot.clone().narrow(3, 0, half);
+        let x2 = x_rot.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let cos = cos.clone().unsqueeze::<4>();
+        let sin = sin.clone().unsqueeze::<4>();
+        let out = x_rot * cos + rotated * sin;
+        if self.dim == head_dim {
+            out
+        } else {
+            Tensor::cat(vec![out, x.narrow(3, self.dim, head_dim - self.dim)], 3)
+        }
+    }
+}

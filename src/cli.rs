@@ -1,0 +1,126 @@
+//! Command-line interface definitions.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::{DeviceSpec, Dtype};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "phitune",
+    version,
+    about = "QLoRA fine-tuning of Phi-2 for persona-grounded dialogue, on Burn"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Per-token negative log-likelihood of a text (one JSON object on stdout).
+    Score(ScoreArgs),
+    /// Continue a prompt (streams text; --json prints one JSON object instead).
+    Generate(GenerateArgs),
+    /// Measure speed on a model with a given configuration and random weights (JSON).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (HF format) or hub id.
+    #[arg(long, default_value = "microsoft/phi-2")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// cpu, cuda[:N] or wgpu[:N] (default: the best one compiled in).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Compute dtype: f32, or f16/bf16 on GPUs (default: bf16 on CUDA, f32 elsewhere).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+}
+
+impl DeviceArgs {
+    pub fn resolve(&self) -> (DeviceSpec, Dtype) {
+        let device = self.device.unwrap_or_else(DeviceSpec::default_compiled);
+        let dtype = self.dtype.unwrap_or(match device {
+            DeviceSpec::Cuda(_) => Dtype::Bf16,
+            _ => Dtype::F32,
+        });
+        (device, dtype)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to score.
+    #[arg(long)]
+    pub text: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy (the default, like HF generate); > 0 samples.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens (0 = off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens with probability >= P.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// HF's repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt to continue.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object {"tokens": [...], "text": "..."} instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// `bench` (phi-2's vocab and head geometry, hidden 640, 8 heads, 4 layers), `phi-2`,
+    /// or a path to a config.json.
+    #[arg(long, default_value = "bench")]
+    pub config: String,
+    /// Load weights from this model directory instead of random ones.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Prompt length for the generation benchmark.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// New tokens per generation run.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Timed repetitions (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}

@@ -1,0 +1,99 @@
+//! `generate`: continue a prompt, streaming the text or printing JSON.
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use burn::tensor::backend::Backend;
+use phitune_model::generate::{GenerationConfig, generate};
+use phitune_model::sampling::SamplingConfig;
+use phitune_model::tokenizer::TextStream;
+use serde_json::json;
+
+use super::ModelSource;
+use crate::backend::{Job, dispatch};
+use crate::cli::{GenerateArgs, SamplingArgs};
+
+impl SamplingArgs {
+    pub fn to_config(&self, stop_tokens: Vec<u32>) -> Result<GenerationConfig> {
+        let sampling = SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        Ok(GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            sampling,
+            stop_tokens,
+        })
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let source = ModelSource::open(&args.model)?;
+    let prompt = source.tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty after tokenization");
+    }
+    let config = args
+        .sampling
+        .to_config(source.tokenizer.eos_token_ids.clone())?;
+    let (device, dtype) = args.model.device.resolve();
+    let tokens = dispatch(
+        device,
+        dtype,
+        Generate {
+            source: &source,
+            prompt: &prompt,
+            config: &config,
+            stream: !args.json,
+        },
+    )?;
+    if args.json {
+        let text = source.tokenizer.decode(&tokens)?;
+        println!("{}", json!({ "tokens": tokens, "text": text }));
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+struct Generate<'a> {
+    source: &'a ModelSource,
+    prompt: &'a [u32],
+    config: &'a GenerationConfig,
+    stream: bool,
+}
+
+impl Job for Generate<'_> {
+    type Output = Vec<u32>;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<u32>> {
+        let model = self.source.load::<B>(&device)?;
+        let tok = &self.source.tokenizer;
+        let mut text = TextStream::new();
+        let mut stdout = std::io::stdout().lock();
+        let mut failed = None;
+        let tokens = generate(&model, self.prompt, self.config, &device, |id| {
+            if self.stream && !tok.is_eos(id) {
+                match text.push(tok, id) {
+                    Ok(Some(piece)) => {
+                        let _ = stdout.write_all(piece.as_bytes());
+                        let _ = stdout.flush();
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        Ok(tokens)
+    }
+}
