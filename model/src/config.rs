@@ -113,8 +113,13 @@ impl PhiConfig {
 
     /// Parses and validates; the error is a message without the path.
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let config: PhiConfig =
-            serde_json::from_str(text).map_err(|e| format!("invalid config: {e}"))?;
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let config: PhiConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            match e.path().to_string().as_str() {
+                "." | "" => format!("invalid config: {}", e.inner()),
+                path => format!("invalid config: {path}: {}", e.inner()),
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
