@@ -435,7 +435,7 @@ mod tests {
             (
                 r#"{"a":{"dtype":"F32","shape":[1000000,1000000],"data_offsets":[0,16]}}"#,
                 16,
-                "spans",
+                "span 16 bytes",
             ),
             (
                 r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
