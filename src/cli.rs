@@ -21,6 +21,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// Continue a prompt (streams text; --json prints one JSON object instead).
     Generate(GenerateArgs),
+    /// Fold a LoRA adapter into its base model and write an HF-format checkpoint.
+    Merge(MergeArgs),
     /// Measure speed on a model with a given configuration and random weights (JSON).
     Bench(BenchArgs),
 }
@@ -33,6 +35,9 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long)]
     pub revision: Option<String>,
+    /// A LoRA adapter directory in PEFT's format (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -101,6 +106,27 @@ pub struct GenerateArgs {
     /// Print one JSON object {"tokens": [...], "text": "..."} instead of streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Base model directory or hub id.
+    #[arg(long, default_value = "microsoft/phi-2")]
+    pub model: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The PEFT adapter directory to fold in.
+    #[arg(long)]
+    pub adapter: std::path::PathBuf,
+    /// Output directory (must not exist, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Shard the weights into files of at most this many MB (HF's default is 5000).
+    #[arg(long, default_value_t = 5000)]
+    pub max_shard_mb: u64,
+    /// dtype of the written weights (default: the base checkpoint's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<crate::backend::Dtype>,
 }
 
 #[derive(Args, Debug)]

@@ -2,20 +2,21 @@
 //! partial rotary embedding, grouped-query attention, causal mask, output projection `dense`.
 
 use burn::module::Module;
-use burn::nn::{Dropout, Linear};
+use burn::nn::Dropout;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, FloatDType, Tensor, backend::Backend};
 
 use crate::cache::KvCache;
+use crate::lora::LoraLinear;
 use crate::norm::LayerNorm;
 use crate::rotary::RotaryEmbedding;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub dense: Linear<B>,
+    pub q_proj: LoraLinear<B>,
+    pub k_proj: LoraLinear<B>,
+    pub v_proj: LoraLinear<B>,
+    pub dense: LoraLinear<B>,
     pub q_layernorm: Option<LayerNorm<B>>,
     pub k_layernorm: Option<LayerNorm<B>>,
     pub attn_dropout: Dropout,

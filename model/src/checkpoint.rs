@@ -203,6 +203,15 @@ impl Checkpoint {
             .unwrap_or(Dtype::F32)
     }
 
+    /// The stored bytes of one tensor, unconverted.
+    pub fn read_raw(&self, name: &str) -> Result<Vec<u8>> {
+        let &i = self
+            .location
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(&self.dir, format!("tensor {name} is missing")))?;
+        self.shards[i].read_bytes(name)
+    }
+
     /// Reads one tensor as f32 values with its shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let &i = self

@@ -2,12 +2,15 @@
 //!
 //! Everything is generic over `B: Backend`; the backend is chosen only by the binary.
 
+pub mod adapter;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod lora;
+pub mod merge;
 pub mod norm;
 pub mod phi;
 pub mod rotary;
@@ -86,4 +89,52 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// Checks that `out` is absent or an empty directory and creates a sibling temporary directory
+/// to write into; [`finish_output_dir`] renames it into place. Nothing the user had is touched.
+pub fn prepare_output_dir(out: &Path) -> Result<std::path::PathBuf> {
+    if out.exists() {
+        let empty = out.is_dir()
+            && std::fs::read_dir(out)
+                .map_err(|e| Error::io(out, e))?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(Error::Invalid(format!(
+                "{}: already exists and is not an empty directory; choose another --out",
+                out.display()
+            )));
+        }
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Renames the finished temporary directory onto `out`, or removes it if `result` is an error.
+pub fn finish_output_dir<T>(tmp: &Path, out: &Path, result: Result<T>) -> Result<T> {
+    match result {
+        Ok(v) => {
+            if out.exists() {
+                std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+            }
+            std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Err(e)
+        }
+    }
 }

@@ -8,18 +8,20 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax};
 use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
+use crate::adapter::{Adapter, LoraWeights, module_path};
 use crate::attention::{Attention, AttnContext};
 use crate::cache::KvCache;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, PhiConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::lora::{Lora, LoraConfig, LoraLinear};
 use crate::norm::LayerNorm;
 use crate::rotary::RotaryEmbedding;
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub fc1: Linear<B>,
-    pub fc2: Linear<B>,
+    pub fc1: LoraLinear<B>,
+    pub fc2: LoraLinear<B>,
     #[module(skip)]
     pub act: Activation,
 }
@@ -145,6 +147,138 @@ impl<B: Backend> Phi<B> {
             .expect("f32 data")
     }
 
+    /// Every LoRA-adaptable projection with its HF module path and short name.
+    pub fn projections(&self) -> Vec<(String, &'static str, &LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let projs = [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("dense", &a.dense),
+                ("fc1", &l.mlp.fc1),
+                ("fc2", &l.mlp.fc2),
+            ];
+            out.extend(
+                projs
+                    .into_iter()
+                    .map(|(short, p)| (module_path(i, short), short, p)),
+            );
+        }
+        out
+    }
+
+    fn projections_mut(&mut self) -> Vec<(String, &'static str, &mut LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let projs = [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("dense", &mut a.dense),
+                ("fc1", &mut l.mlp.fc1),
+                ("fc2", &mut l.mlp.fc2),
+            ];
+            out.extend(
+                projs
+                    .into_iter()
+                    .map(|(short, p)| (module_path(i, short), short, p)),
+            );
+        }
+        out
+    }
+
+    /// Freezes every existing parameter, then adds fresh adapters (PEFT's init: B = 0, so the
+    /// model's output is unchanged) on the configured targets. Only the adapters train.
+    pub fn with_lora(self, config: &LoraConfig, device: &B::Device) -> Self {
+        let mut model = self.no_grad();
+        for (path, short, proj) in model.projections_mut() {
+            proj.lora = None;
+            if config.targets(short) {
+                let (d_in, d_out) = proj.dims();
+                let (r, alpha) = config.rank_alpha(&path);
+                let scaling = config.scaling(r, alpha);
+                proj.lora = Some(Lora::init(d_in, d_out, r, scaling, config.dropout, device));
+            }
+        }
+        model
+    }
+
+    /// Freezes the model and installs an adapter's weights (replacing any adapters).
+    pub fn with_adapter(self, adapter: &Adapter, device: &B::Device) -> Result<Self> {
+        let mut model = self.no_grad();
+        let mut used = 0;
+        for (path, _, proj) in model.projections_mut() {
+            proj.lora = None;
+            let Some(w) = adapter.modules.get(&path) else {
+                continue;
+            };
+            let (d_in, d_out) = proj.dims();
+            if (w.d_in, w.d_out) != (d_in, d_out) {
+                return Err(Error::Invalid(format!(
+                    "adapter weights for {path} fit a [{}, {}] layer but the model's is [{d_out}, {d_in}] \
+                     (an adapter for another model?)",
+                    w.d_out, w.d_in
+                )));
+            }
+            // PEFT's A [r, in] / B [out, r] -> our [in, r] / [r, out].
+            let a = TensorData::new(transpose_vec(&w.a, w.r, d_in), [d_in, w.r]);
+            let b = TensorData::new(transpose_vec(&w.b, d_out, w.r), [w.r, d_out]);
+            proj.lora = Some(Lora::from_tensors(
+                Tensor::from_data(a, device),
+                Tensor::from_data(b, device),
+                w.scaling,
+                adapter.config.dropout,
+            ));
+            used += 1;
+        }
+        if used != adapter.modules.len() {
+            let names: Vec<String> = model.projections().into_iter().map(|(p, _, _)| p).collect();
+            let extra = adapter
+                .modules
+                .keys()
+                .find(|k| !names.contains(k))
+                .cloned()
+                .unwrap_or_default();
+            return Err(Error::Invalid(format!(
+                "the adapter has weights for {extra}, which this model does not have (an adapter for another model?)"
+            )));
+        }
+        Ok(model)
+    }
+
+    /// The current adapters in PEFT's layout, for writing.
+    pub fn adapter(&self, config: &LoraConfig, base_model_name_or_path: Option<String>) -> Adapter {
+        let host = |t: Tensor<B, 2>| {
+            t.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 data")
+        };
+        let mut modules = std::collections::BTreeMap::new();
+        for (path, _, proj) in self.projections() {
+            let Some(lora) = &proj.lora else { continue };
+            let (d_in, d_out) = proj.dims();
+            let r = lora.rank();
+            let weights = LoraWeights {
+                r,
+                d_in,
+                d_out,
+                a: transpose_vec(&host(lora.a.val()), d_in, r),
+                b: transpose_vec(&host(lora.b.val()), r, d_out),
+                scaling: lora.scaling,
+            };
+            modules.insert(path, weights);
+        }
+        Adapter {
+            config: config.clone(),
+            base_model_name_or_path,
+            modules,
+        }
+    }
+
     /// Builds a model with random weights (for benchmarks and tests that need no checkpoint).
     pub fn random(config: &PhiConfig, device: &B::Device) -> Self {
         let init = |shape: Vec<usize>, std: f64| -> TensorData {
@@ -260,10 +394,10 @@ impl<B: Backend> Phi<B> {
                 (None, None)
             };
             let self_attn = Attention {
-                q_proj: linear(&mut get, &format!("{p}.self_attn.q_proj"), h, h)?,
-                k_proj: linear(&mut get, &format!("{p}.self_attn.k_proj"), kv, h)?,
-                v_proj: linear(&mut get, &format!("{p}.self_attn.v_proj"), kv, h)?,
-                dense: linear(&mut get, &format!("{p}.self_attn.dense"), h, h)?,
+                q_proj: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.q_proj"), h, h)?),
+                k_proj: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.k_proj"), kv, h)?),
+                v_proj: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.v_proj"), kv, h)?),
+                dense: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.dense"), h, h)?),
                 q_layernorm,
                 k_layernorm,
                 attn_dropout: dropout(config.attention_dropout),
@@ -273,18 +407,18 @@ impl<B: Backend> Phi<B> {
                 head_dim: hd,
             };
             let mlp = Mlp {
-                fc1: linear(
+                fc1: LoraLinear::new(linear(
                     &mut get,
                     &format!("{p}.mlp.fc1"),
                     config.intermediate_size,
                     h,
-                )?,
-                fc2: linear(
+                )?),
+                fc2: LoraLinear::new(linear(
                     &mut get,
                     &format!("{p}.mlp.fc2"),
                     h,
                     config.intermediate_size,
-                )?,
+                )?),
                 act,
             };
             layers.push(DecoderLayer {
@@ -319,6 +453,12 @@ impl<B: Backend> Phi<B> {
 fn transpose(data: TensorData) -> TensorData {
     let [rows, cols]: [usize; 2] = data.shape.as_slice().try_into().expect("2-d weight");
     let src = data.into_vec::<f32>().expect("f32 weights");
+    TensorData::new(transpose_vec(&src, rows, cols), [cols, rows])
+}
+
+/// Row-major `[rows, cols]` -> row-major `[cols, rows]`, cache-blocked.
+pub fn transpose_vec(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(src.len(), rows * cols);
     let mut dst = vec![0f32; src.len()];
     const TILE: usize = 64;
     for r0 in (0..rows).step_by(TILE) {
@@ -330,7 +470,7 @@ fn transpose(data: TensorData) -> TensorData {
             }
         }
     }
-    TensorData::new(dst, [cols, rows])
+    dst
 }
 
 /// A `[1, n]` Int tensor of token ids.

@@ -331,15 +331,11 @@ pub struct TensorOut<'a> {
     pub data: std::borrow::Cow<'a, [u8]>,
 }
 
-/// Writes a safetensors file (tensors in name order, 8-byte aligned header) to `path` via a
-/// temporary file and a rename, so an interrupted write never leaves a truncated file behind.
-pub fn write(
-    path: &Path,
-    tensors: &[TensorOut],
+/// Builds the header for tensors written in the given order.
+fn header_bytes(
+    entries: &[(&str, Dtype, &[usize])],
     metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let mut order: Vec<&TensorOut> = tensors.iter().collect();
-    order.sort_by(|a, b| a.name.cmp(&b.name));
+) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -348,9 +344,32 @@ pub fn write(
         );
     }
     let mut offset = 0u64;
+    for (name, dtype, shape) in entries {
+        let end = offset + (shape.iter().product::<usize>() * dtype.size()) as u64;
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut bytes = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    while bytes.len() % 8 != 0 {
+        bytes.push(b' ');
+    }
+    bytes
+}
+
+/// Writes a safetensors file (tensors in name order) to `path` via a temporary file and a
+/// rename, so an interrupted write never leaves a truncated file behind.
+pub fn write(
+    path: &Path,
+    tensors: &[TensorOut],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut order: Vec<&TensorOut> = tensors.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(&b.name));
     for t in &order {
-        let expected: usize = t.shape.iter().product::<usize>() * t.dtype.size();
-        if expected != t.data.len() {
+        if t.shape.iter().product::<usize>() * t.dtype.size() != t.data.len() {
             return Err(Error::Invalid(format!(
                 "tensor {} has {} bytes of data for shape {:?} {}",
                 t.name,
@@ -359,25 +378,91 @@ pub fn write(
                 t.dtype.name()
             )));
         }
-        let end = offset + t.data.len() as u64;
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
     }
-    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
+    let entries: Vec<(&str, Dtype, &[usize])> = order
+        .iter()
+        .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+        .collect();
+    let header = header_bytes(&entries, metadata);
     crate::atomic_write(path, |f| {
-        f.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
-        f.write_all(&header_bytes)?;
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(&header)?;
         for t in &order {
             f.write_all(&t.data)?;
         }
         Ok(())
     })
+}
+
+/// Writes a large safetensors file tensor by tensor: the header is written first from the
+/// declared names/dtypes/shapes, then each tensor's bytes in that order, so only one tensor is
+/// in memory at a time.
+pub struct StreamWriter {
+    path: PathBuf,
+    out: std::io::BufWriter<File>,
+    expected: Vec<(String, usize)>,
+    next: usize,
+}
+
+impl StreamWriter {
+    pub fn create(
+        path: &Path,
+        entries: &[(String, Dtype, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let refs: Vec<(&str, Dtype, &[usize])> = entries
+            .iter()
+            .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
+            .collect();
+        let header = header_bytes(&refs, metadata);
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(&header))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out,
+            expected: entries
+                .iter()
+                .map(|(n, d, s)| (n.clone(), s.iter().product::<usize>() * d.size()))
+                .collect(),
+            next: 0,
+        })
+    }
+
+    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        match self.expected.get(self.next) {
+            Some((n, len)) if n == name && *len == bytes.len() => {}
+            other => {
+                return Err(Error::Invalid(format!(
+                    "{}: tensor {name} ({} bytes) written out of order; expected {other:?}",
+                    self.path.display(),
+                    bytes.len()
+                )));
+            }
+        }
+        self.next += 1;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.expected.len() {
+            return Err(Error::Invalid(format!(
+                "{}: only {} of {} tensors written",
+                self.path.display(),
+                self.next,
+                self.expected.len()
+            )));
+        }
+        self.out.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| Error::io(&self.path, e))
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 
 mod bench;
 mod generate;
+mod merge;
 mod score;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
+use phitune_model::adapter::Adapter;
 use phitune_model::{Checkpoint, Phi, PhiTokenizer};
 
 use crate::cli::{Command, ModelArgs};
@@ -14,29 +16,42 @@ pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }
 
-/// A checkpoint resolved and validated on the host; the weights are read later, on the device.
+/// A checkpoint (and adapter) resolved and validated on the host; the weights are read later,
+/// on the device.
 pub struct ModelSource {
     pub checkpoint: Checkpoint,
     pub tokenizer: PhiTokenizer,
+    pub adapter: Option<Adapter>,
 }
 
 impl ModelSource {
     pub fn open(args: &ModelArgs) -> Result<Self> {
+        let adapter = args.adapter.as_deref().map(Adapter::read).transpose()?;
         let dir = phitune_model::hub::resolve_model(&args.model, args.revision.as_deref())?;
         let checkpoint = Checkpoint::open(&dir)?;
         let tokenizer = PhiTokenizer::from_dir(&dir, checkpoint.config())?;
+        if let Some(a) = &adapter {
+            a.check_compatible(checkpoint.config())
+                .with_context(|| format!("adapter {}", args.adapter.as_ref().unwrap().display()))?;
+        }
         Ok(Self {
             checkpoint,
             tokenizer,
+            adapter,
         })
     }
 
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Phi<B>> {
-        Phi::load(&self.checkpoint, device)
-            .with_context(|| format!("loading {}", self.checkpoint.dir().display()))
+        let model = Phi::load(&self.checkpoint, device)
+            .with_context(|| format!("loading {}", self.checkpoint.dir().display()))?;
+        match &self.adapter {
+            Some(adapter) => Ok(model.with_adapter(adapter, device)?),
+            None => Ok(model),
+        }
     }
 }
