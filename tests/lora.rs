@@ -341,19 +341,65 @@ fn score_with_adapter_flag_matches_peft() {
     }
 }
 
-/// Only A and B get gradients and optimizer updates; every base weight stays bit-identical.
-#[test]
-fn only_adapters_train() {
-    type A = Autodiff<B>;
+type A = Autodiff<B>;
+
+/// A few AdamW steps of next-token loss on one sentence, through the real model code.
+fn train_steps(model: Phi<A>, tok: &PhiTokenizer, steps: usize, lr: f64) -> Phi<A> {
+    let device = Default::default();
+    let tokens = tok
+        .encode("i like to swim in the lake every morning before work.")
+        .unwrap();
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .init::<A, Phi<A>>();
+    let mut model = model;
+    let n = tokens.len() - 1;
+    let targets = Tensor::<A, 1, Int>::from_data(
+        TensorData::new(
+            tokens[1..].iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            [n],
+        ),
+        &device,
+    );
+    for _ in 0..steps {
+        let logits = model.forward(ids_tensor::<A>(&tokens[..n], &device));
+        let logp = log_softmax(logits, 2).reshape([n, model.vocab_size()]);
+        let loss = logp.gather(1, targets.clone().reshape([n, 1])).mean().neg();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let trainable = model
+            .projections()
+            .iter()
+            .filter(|p| p.2.lora.is_some())
+            .count();
+        assert_eq!(
+            grads.len(),
+            2 * trainable,
+            "gradients for exactly the A and B of each adapter"
+        );
+        model = optim.step(lr, model, grads);
+    }
+    model
+}
+
+fn load_trainable(config: &LoraConfig) -> (Phi<A>, PhiTokenizer) {
     let device = Default::default();
     let dir = common::fixtures().join("tiny-phi");
     let ckpt = Checkpoint::open(&dir).unwrap();
     let tok = PhiTokenizer::from_dir(&dir, ckpt.config()).unwrap();
+    (
+        Phi::load(&ckpt, &device)
+            .unwrap()
+            .with_lora(config, &device),
+        tok,
+    )
+}
+
+/// Only A and B get gradients and optimizer updates; every base weight stays bit-identical.
+#[test]
+fn only_adapters_train() {
     let mut config = LoraConfig::seed();
     config.dropout = 0.0;
-    let model: Phi<A> = Phi::load(&ckpt, &device)
-        .unwrap()
-        .with_lora(&config, &device);
+    let (model, tok) = load_trainable(&config);
     let base_before: Vec<TensorData> = model
         .projections()
         .iter()
@@ -366,34 +412,7 @@ fn only_adapters_train() {
         .filter_map(|p| p.2.lora.as_ref())
         .map(|l| l.b.val().into_data())
         .collect();
-
-    let tokens = tok
-        .encode("i like to swim in the lake every morning")
-        .unwrap();
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(0.0)
-        .init::<A, Phi<A>>();
-    let mut model = model;
-    for _ in 0..3 {
-        let n = tokens.len() - 1;
-        let logits = model.forward(ids_tensor::<A>(&tokens[..n], &device));
-        let targets = Tensor::<A, 1, Int>::from_data(
-            TensorData::new(
-                tokens[1..].iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                [n],
-            ),
-            &device,
-        );
-        let logp = log_softmax(logits, 2).reshape([n, model.vocab_size()]);
-        let loss = logp.gather(1, targets.reshape([n, 1])).mean().neg();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        assert_eq!(
-            grads.len(),
-            2 * 4 * 2,
-            "gradients for exactly A and B of 4 modules x 2 layers"
-        );
-        model = optim.step(1e-2, model, grads);
-    }
+    let model = train_steps(model, &tok, 3, 1e-2);
     let base_after: Vec<TensorData> = model
         .projections()
         .iter()
@@ -413,6 +432,50 @@ fn only_adapters_train() {
     );
 }
 
+const TRAINED: &str = "adapters/ours-trained-all-r4";
+
+fn trained_config() -> LoraConfig {
+    let mut config = LoraConfig::seed();
+    config.target_modules = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+        .map(String::from)
+        .to_vec();
+    config
+}
+
+/// Regenerates the committed adapter trained by this tool (then run
+/// `make_fixtures.py --adapters-only` so PEFT scores it).
+#[test]
+#[ignore]
+fn regenerate_trained_fixture() {
+    let config = trained_config();
+    let (model, tok) = load_trainable(&config);
+    let model = train_steps(model, &tok, 20, 1e-2);
+    let dir = common::fixtures().join(TRAINED);
+    let _ = std::fs::remove_dir_all(&dir);
+    model
+        .adapter(&config, Some("tiny-phi".into()))
+        .write(&dir)
+        .unwrap();
+}
+
+/// An adapter trained here loads in PEFT (make_fixtures.py) and scores the same there.
+#[test]
+fn trained_adapter_scores_the_same_in_peft() {
+    let exp = common::expected();
+    let entry = &exp["adapters"]["ours-trained-all-r4"];
+    assert!(
+        entry["base_nll_delta_max"].as_f64().unwrap() > 0.01,
+        "training must have changed the model"
+    );
+    let (model, tok) = load("tiny-phi");
+    let adapter = Adapter::read(&common::fixtures().join(TRAINED)).unwrap();
+    assert_eq!(
+        adapter.config.target_modules,
+        trained_config().target_modules
+    );
+    let model = model.with_adapter(&adapter, &Default::default()).unwrap();
+    assert_nll_close(&model, &tok, &entry["score"], "trained");
+}
 #[test]
 fn lora_weights_delta_is_checked() {
     let w = LoraWeights {
