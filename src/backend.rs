@@ -3,8 +3,8 @@
 //! run a backend-generic job on it.
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::Backend;
 use clap::ValueEnum;
+use phitune_model::nf4::Nf4Backend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
@@ -69,13 +69,14 @@ impl std::fmt::Display for DeviceSpec {
 /// A piece of work that can run on any backend.
 pub trait Job {
     type Output;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 pub fn dispatch<J: Job>(device: DeviceSpec, dtype: Dtype, job: J) -> Result<J::Output> {
     match device {
         DeviceSpec::Cpu => match dtype {
-            Dtype::F32 => job.run::<burn::backend::NdArray<f32>>(Default::default()),
+            // i32 ints: NF4 codes are packed 8 per 32-bit element.
+            Dtype::F32 => job.run::<burn::backend::NdArray<f32, i32>>(Default::default()),
             other => bail!("--dtype {other:?} needs a GPU device; the CPU backend computes in f32"),
         },
         DeviceSpec::Cuda(index) => cuda(index, dtype, job),

@@ -403,7 +403,7 @@ fn only_adapters_train() {
     let base_before: Vec<TensorData> = model
         .projections()
         .iter()
-        .map(|p| p.2.base.weight.val().into_data())
+        .map(|p| p.2.base.dense_weight().into_data())
         .collect();
     let embed_before = model.embed_tokens.weight.val().into_data();
     let lora_before: Vec<TensorData> = model
@@ -416,7 +416,7 @@ fn only_adapters_train() {
     let base_after: Vec<TensorData> = model
         .projections()
         .iter()
-        .map(|p| p.2.base.weight.val().into_data())
+        .map(|p| p.2.base.dense_weight().into_data())
         .collect();
     assert_eq!(base_before, base_after, "base weights changed");
     assert_eq!(embed_before, model.embed_tokens.weight.val().into_data());

@@ -8,6 +8,7 @@ use burn::tensor::{Bool, FloatDType, Tensor, backend::Backend};
 
 use crate::cache::KvCache;
 use crate::lora::LoraLinear;
+use crate::nf4::Nf4Backend;
 use crate::norm::LayerNorm;
 use crate::rotary::RotaryEmbedding;
 
@@ -34,7 +35,7 @@ pub(crate) struct AttnContext<B: Backend> {
     pub mask: Option<Tensor<B, 2, Bool>>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: Nf4Backend> Attention<B> {
     pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,

@@ -1,7 +1,7 @@
 //! Autoregressive generation with the KV cache: the prompt is run once, then each new token
 //! costs one single-position forward pass.
 
-use burn::tensor::{FloatDType, backend::Backend};
+use burn::tensor::FloatDType;
 
 use crate::phi::{Phi, ids_tensor};
 use crate::sampling::{Sampler, SamplingConfig};
@@ -16,7 +16,7 @@ pub struct GenerationConfig {
 
 /// Generates up to `max_new_tokens` after `prompt`. `on_token` sees each new id as it is
 /// chosen (for streaming) and may return false to stop early. Returns the new ids.
-pub fn generate<B: Backend>(
+pub fn generate<B: crate::nf4::Nf4Backend>(
     model: &Phi<B>,
     prompt: &[u32],
     config: &GenerationConfig,

@@ -7,10 +7,13 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
 use burn::tensor::{Distribution, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
+
+use crate::frozen::FrozenLinear;
+use crate::nf4::Nf4Backend;
 
 /// The Linear layers of a Phi decoder layer that LoRA can adapt, by PEFT's names.
 pub const TARGETABLE: [&str; 6] = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"];
@@ -172,24 +175,25 @@ impl<B: Backend> Lora<B> {
     }
 }
 
-/// A frozen Linear with an optional trainable LoRA adapter.
+/// A frozen Linear (dense or NF4) with an optional trainable LoRA adapter.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    pub base: Linear<B>,
+    pub base: FrozenLinear<B>,
     pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> LoraLinear<B> {
-    pub fn new(base: Linear<B>) -> Self {
+    pub fn new(base: FrozenLinear<B>) -> Self {
         Self { base, lora: None }
     }
 
     /// `(in, out)` of the base layer.
     pub fn dims(&self) -> (usize, usize) {
-        let [i, o] = self.base.weight.dims();
-        (i, o)
+        self.base.dims()
     }
+}
 
+impl<B: Nf4Backend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
             None => self.base.forward(x),

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax};
 use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
@@ -14,7 +14,9 @@ use crate::cache::KvCache;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, PhiConfig};
 use crate::error::{Error, Result};
+use crate::frozen::{FrozenLinear, FrozenWeight, Nf4Weight};
 use crate::lora::{Lora, LoraConfig, LoraLinear};
+use crate::nf4::{Nf4Backend, Nf4Host};
 use crate::norm::LayerNorm;
 use crate::rotary::RotaryEmbedding;
 
@@ -26,7 +28,7 @@ pub struct Mlp<B: Backend> {
     pub act: Activation,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: Nf4Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.fc1.forward(x);
         let h = match self.act {
@@ -45,7 +47,7 @@ pub struct DecoderLayer<B: Backend> {
     pub resid_dropout: Dropout,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: Nf4Backend> DecoderLayer<B> {
     fn forward(
         &self,
         h: Tensor<B, 3>,
@@ -68,11 +70,11 @@ pub struct Phi<B: Backend> {
     pub embed_dropout: Dropout,
     pub layers: Vec<DecoderLayer<B>>,
     pub final_layernorm: LayerNorm<B>,
-    pub lm_head: Linear<B>,
+    pub lm_head: FrozenLinear<B>,
     pub rotary: RotaryEmbedding,
 }
 
-impl<B: Backend> Phi<B> {
+impl<B: Nf4Backend> Phi<B> {
     /// Logits `[batch, seq, vocab]` for a batch of right-padded sequences (no cache).
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let h = self.hidden(ids, None);
@@ -109,18 +111,6 @@ impl<B: Backend> Phi<B> {
         h
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.embed_tokens.weight.dims()[0]
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.layers.len())
-    }
-
     /// `nll[i] = -log p(tokens[i + 1] | tokens[..=i])` for one sequence, in f32.
     pub fn token_nll(&self, tokens: &[u32], device: &B::Device) -> Vec<f32> {
         if tokens.len() < 2 {
@@ -145,6 +135,20 @@ impl<B: Backend> Phi<B> {
             .convert::<f32>()
             .into_vec::<f32>()
             .expect("f32 data")
+    }
+}
+
+impl<B: Backend> Phi<B> {
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[0]
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
     }
 
     /// Every LoRA-adaptable projection with its HF module path and short name.
@@ -290,7 +294,7 @@ impl<B: Backend> Phi<B> {
                 shape,
             )
         };
-        Self::build(config, device, &mut |name, shape| {
+        Self::build(config, device, None, &mut |name, shape| {
             Ok(if name.ends_with("layernorm.weight") {
                 TensorData::new(vec![1.0f32; shape.iter().product()], shape.to_vec())
             } else if name.ends_with(".bias") {
@@ -305,11 +309,21 @@ impl<B: Backend> Phi<B> {
     /// Loads a checkpoint opened with [`Checkpoint::open`] (which already checked every tensor's
     /// presence and shape), one tensor at a time, with a progress bar.
     pub fn load(ckpt: &Checkpoint, device: &B::Device) -> Result<Self> {
+        Self::load_with(ckpt, device, None)
+    }
+
+    /// Like [`Self::load`], quantizing every decoder-layer Linear weight to NF4 as it is read
+    /// (each dense weight is dropped before the next is read) when `quant` is given.
+    pub fn load_with(
+        ckpt: &Checkpoint,
+        device: &B::Device,
+        quant: Option<Quantization>,
+    ) -> Result<Self> {
         let config = ckpt.config().clone();
         let total = config.expected_tensors().len() as u64;
         let bar = crate::progress_bar(total, "loading weights");
         let start = Instant::now();
-        let model = Self::build(&config, device, &mut |name, shape| {
+        let model = Self::build(&config, device, quant, &mut |name, shape| {
             let (values, got) = ckpt.read_f32(name)?;
             debug_assert_eq!(got, shape);
             bar.inc(1);
@@ -330,6 +344,7 @@ impl<B: Backend> Phi<B> {
     fn build(
         config: &PhiConfig,
         device: &B::Device,
+        quant: Option<Quantization>,
         source: &mut dyn FnMut(&str, &[usize]) -> Result<TensorData>,
     ) -> Result<Self> {
         let h = config.hidden_size;
@@ -341,16 +356,27 @@ impl<B: Backend> Phi<B> {
         let dropout = |p: f64| DropoutConfig::new(p).init();
 
         let mut get = |name: &str, shape: &[usize]| source(name, shape);
+        // Decoder-layer projections (quantized when asked) and lm_head (always dense).
         let linear = |get: &mut dyn FnMut(&str, &[usize]) -> Result<TensorData>,
                       name: &str,
                       out: usize,
-                      inp: usize|
-         -> Result<Linear<B>> {
+                      inp: usize,
+                      quant: Option<Quantization>|
+         -> Result<FrozenLinear<B>> {
             let w = get(&format!("{name}.weight"), &[out, inp])?;
             let b = get(&format!("{name}.bias"), &[out])?;
-            Ok(Linear {
-                weight: Param::from_tensor(Tensor::from_data(transpose(w), device)),
-                bias: Some(Param::from_tensor(Tensor::from_data(b, device))),
+            let weight = match quant {
+                None => FrozenWeight::Dense(Tensor::from_data(w, device)),
+                Some(q) => {
+                    let values = w.into_vec::<f32>().expect("f32 weights");
+                    let host = Nf4Host::quantize(&values, [out, inp], q.double_quant);
+                    drop(values);
+                    FrozenWeight::Nf4(Nf4Weight::from_host(&host, device))
+                }
+            };
+            Ok(FrozenLinear {
+                weight,
+                bias: Some(Tensor::from_data(b, device)),
             })
         };
         let norm = |get: &mut dyn FnMut(&str, &[usize]) -> Result<TensorData>,
@@ -394,10 +420,34 @@ impl<B: Backend> Phi<B> {
                 (None, None)
             };
             let self_attn = Attention {
-                q_proj: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.q_proj"), h, h)?),
-                k_proj: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.k_proj"), kv, h)?),
-                v_proj: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.v_proj"), kv, h)?),
-                dense: LoraLinear::new(linear(&mut get, &format!("{p}.self_attn.dense"), h, h)?),
+                q_proj: LoraLinear::new(linear(
+                    &mut get,
+                    &format!("{p}.self_attn.q_proj"),
+                    h,
+                    h,
+                    quant,
+                )?),
+                k_proj: LoraLinear::new(linear(
+                    &mut get,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv,
+                    h,
+                    quant,
+                )?),
+                v_proj: LoraLinear::new(linear(
+                    &mut get,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv,
+                    h,
+                    quant,
+                )?),
+                dense: LoraLinear::new(linear(
+                    &mut get,
+                    &format!("{p}.self_attn.dense"),
+                    h,
+                    h,
+                    quant,
+                )?),
                 q_layernorm,
                 k_layernorm,
                 attn_dropout: dropout(config.attention_dropout),
@@ -412,12 +462,14 @@ impl<B: Backend> Phi<B> {
                     &format!("{p}.mlp.fc1"),
                     config.intermediate_size,
                     h,
+                    quant,
                 )?),
                 fc2: LoraLinear::new(linear(
                     &mut get,
                     &format!("{p}.mlp.fc2"),
                     h,
                     config.intermediate_size,
+                    quant,
                 )?),
                 act,
             };
@@ -431,12 +483,12 @@ impl<B: Backend> Phi<B> {
         let final_layernorm = norm(&mut get, "model.final_layernorm", h, eps)?;
         let lm_head = if config.tie_word_embeddings {
             let b = get("lm_head.bias", &[config.vocab_size])?;
-            Linear {
-                weight: Param::from_tensor(embed_tokens.weight.val().transpose()),
-                bias: Some(Param::from_tensor(Tensor::from_data(b, device))),
+            FrozenLinear {
+                weight: FrozenWeight::Dense(embed_tokens.weight.val()),
+                bias: Some(Tensor::from_data(b, device)),
             }
         } else {
-            linear(&mut get, "lm_head", config.vocab_size, h)?
+            linear(&mut get, "lm_head", config.vocab_size, h, None)?
         };
         Ok(Self {
             embed_tokens,
@@ -447,13 +499,6 @@ impl<B: Backend> Phi<B> {
             rotary,
         })
     }
-}
-
-/// `[out, in]` (PyTorch) -> `[in, out]` (Burn's Linear), on the host, once at load time.
-fn transpose(data: TensorData) -> TensorData {
-    let [rows, cols]: [usize; 2] = data.shape.as_slice().try_into().expect("2-d weight");
-    let src = data.into_vec::<f32>().expect("f32 weights");
-    TensorData::new(transpose_vec(&src, rows, cols), [cols, rows])
 }
 
 /// Row-major `[rows, cols]` -> row-major `[cols, rows]`, cache-blocked.
@@ -477,4 +522,11 @@ pub fn transpose_vec(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
+}
+
+/// NF4 quantization of the decoder-layer Linear weights while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quantization {
+    /// Also quantize the absmax values (bitsandbytes' `bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
 }

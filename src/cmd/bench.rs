@@ -3,8 +3,8 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::Backend;
 use phitune_model::generate::{GenerationConfig, generate};
+use phitune_model::nf4::Nf4Backend;
 use phitune_model::{Checkpoint, Phi, PhiConfig};
 use serde_json::json;
 
@@ -97,7 +97,7 @@ fn median(v: &[f64]) -> f64 {
 
 impl Job for Bench<'_> {
     type Output = Report;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Report> {
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<Report> {
         let model: Phi<B> = match &self.checkpoint {
             Some(c) => Phi::load(c, &device)?,
             None => Phi::random(&self.config, &device),

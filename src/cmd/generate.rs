@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::Backend;
 use phitune_model::generate::{GenerationConfig, generate};
+use phitune_model::nf4::Nf4Backend;
 use phitune_model::sampling::SamplingConfig;
 use phitune_model::tokenizer::TextStream;
 use serde_json::json;
@@ -69,7 +69,7 @@ struct Generate<'a> {
 
 impl Job for Generate<'_> {
     type Output = Vec<u32>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<u32>> {
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<Vec<u32>> {
         let model = self.source.load::<B>(&device)?;
         let tok = &self.source.tokenizer;
         let mut text = TextStream::new();

@@ -6,8 +6,8 @@ mod merge;
 mod score;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
 use phitune_model::adapter::Adapter;
+use phitune_model::nf4::Nf4Backend;
 use phitune_model::{Checkpoint, Phi, PhiTokenizer};
 
 use crate::cli::{Command, ModelArgs};
@@ -46,7 +46,7 @@ impl ModelSource {
         })
     }
 
-    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Phi<B>> {
+    pub fn load<B: Nf4Backend>(&self, device: &B::Device) -> Result<Phi<B>> {
         let model = Phi::load(&self.checkpoint, device)
             .with_context(|| format!("loading {}", self.checkpoint.dir().display()))?;
         match &self.adapter {

@@ -1,7 +1,7 @@
 //! `score`: per-token negative log-likelihood of a text.
 
 use anyhow::{Result, bail};
-use burn::tensor::backend::Backend;
+use phitune_model::nf4::Nf4Backend;
 use serde_json::json;
 
 use super::ModelSource;
@@ -44,7 +44,7 @@ struct Score<'a> {
 
 impl Job for Score<'_> {
     type Output = Vec<f32>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f32>> {
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<Vec<f32>> {
         let model = self.source.load::<B>(&device)?;
         Ok(model.token_nll(self.tokens, &device))
     }
