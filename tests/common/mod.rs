@@ -68,3 +68,5 @@ pub fn assert_one_line_error(o: &Output, want: &str) {
     assert!(lines[0].starts_with("error"), "{err}");
     assert!(lines[0].contains(want), "expected {want:?} in: {err}");
 }
+
+pub mod nf4;
