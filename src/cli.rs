@@ -39,7 +39,35 @@ pub struct ModelArgs {
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
     #[command(flatten)]
+    pub quant: QuantArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quant {
+    /// Float weights as stored.
+    None,
+    /// 4-bit NormalFloat (QLoRA, bitsandbytes-compatible) for the decoder layers' Linear weights.
+    Nf4,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QuantArgs {
+    /// Quantize the base model's decoder-layer Linear weights while loading.
+    #[arg(long, value_enum, default_value_t = Quant::None)]
+    pub quant: Quant,
+    /// With --quant nf4: also quantize the absmax values (bitsandbytes' double quant).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub double_quant: bool,
+}
+
+impl QuantArgs {
+    pub fn quantization(&self) -> Option<phitune_model::phi::Quantization> {
+        (self.quant == Quant::Nf4).then_some(phitune_model::phi::Quantization {
+            double_quant: self.double_quant,
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -127,6 +155,10 @@ pub struct MergeArgs {
     /// dtype of the written weights (default: the base checkpoint's).
     #[arg(long, value_enum)]
     pub dtype: Option<crate::backend::Dtype>,
+    /// Merge into the NF4-dequantized base (what a QLoRA adapter was trained against); the
+    /// output is float weights.
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 #[derive(Args, Debug)]

@@ -40,6 +40,7 @@ pub fn merge(
     out: &Path,
     max_shard_bytes: u64,
     dtype: Option<Dtype>,
+    quant: Option<crate::phi::Quantization>,
 ) -> Result<MergeReport> {
     let config = ckpt.config();
     let tensors = config.expected_tensors();
@@ -100,7 +101,16 @@ pub fn merge(
                 let module = name.strip_suffix(".weight");
                 let bytes = match module.and_then(|m| adapter.modules.get(m)) {
                     Some(lora) => {
-                        let (mut values, _) = ckpt.read_f32(name)?;
+                        let (mut values, shape) = ckpt.read_f32(name)?;
+                        if let Some(q) = quant {
+                            // The adapter was trained against the dequantized NF4 weights.
+                            let host = crate::nf4::Nf4Host::quantize(
+                                &values,
+                                [shape[0], shape[1]],
+                                q.double_quant,
+                            );
+                            values = host.dequantize();
+                        }
                         for (v, d) in values.iter_mut().zip(lora.delta()) {
                             *v += d;
                         }

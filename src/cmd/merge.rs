@@ -20,12 +20,24 @@ pub fn run(args: MergeArgs) -> Result<()> {
         crate::backend::Dtype::F16 => St::F16,
         crate::backend::Dtype::Bf16 => St::BF16,
     });
+    let quant = args.quant.quantization();
+    if let Some(q) = quant {
+        eprintln!(
+            "merging into the NF4-dequantized base weights{} and writing float weights",
+            if q.double_quant {
+                " (double quant)"
+            } else {
+                ""
+            }
+        );
+    }
     let report = phitune_model::merge::merge(
         &ckpt,
         &adapter,
         &args.out,
         args.max_shard_mb * 1_000_000,
         dtype,
+        quant,
     )?;
     let written = dtype.unwrap_or(ckpt.storage_dtype());
     eprintln!(

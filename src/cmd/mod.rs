@@ -27,6 +27,7 @@ pub struct ModelSource {
     pub checkpoint: Checkpoint,
     pub tokenizer: PhiTokenizer,
     pub adapter: Option<Adapter>,
+    pub quant: Option<phitune_model::phi::Quantization>,
 }
 
 impl ModelSource {
@@ -43,11 +44,12 @@ impl ModelSource {
             checkpoint,
             tokenizer,
             adapter,
+            quant: args.quant.quantization(),
         })
     }
 
     pub fn load<B: Nf4Backend>(&self, device: &B::Device) -> Result<Phi<B>> {
-        let model = Phi::load(&self.checkpoint, device)
+        let model = Phi::load_with(&self.checkpoint, device, self.quant)
             .with_context(|| format!("loading {}", self.checkpoint.dir().display()))?;
         match &self.adapter {
             Some(adapter) => Ok(model.with_adapter(adapter, device)?),
