@@ -382,3 +382,40 @@ fn help_lists_commands() {
     }
     let _ = scratch("unused");
 }
+
+#[test]
+fn score_quant_nf4_matches_bitsandbytes_reference() {
+    let exp = common::expected();
+    let case = &exp["nf4"]["tiny-phi"]["double_quant"][0];
+    let o = phitune(&[
+        "score",
+        "--model",
+        &tiny(),
+        "--quant",
+        "nf4",
+        "--text",
+        case["text"].as_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for (g, w) in v["nll"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(case["nll"].as_array().unwrap())
+    {
+        assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 5e-3);
+    }
+    assert_one_line_error(
+        &phitune(&[
+            "score",
+            "--model",
+            &tiny(),
+            "--quant",
+            "nf8",
+            "--text",
+            "a b",
+        ]),
+        "nf8",
+    );
+}

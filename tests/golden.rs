@@ -169,3 +169,29 @@ fn batched_forward_matches_single() {
         assert!(diff < 1e-4, "row {row} differs by {diff}");
     }
 }
+
+/// `--quant nf4` matches HF run with bitsandbytes-dequantized weights (5e-3 per token), with
+/// and without double quantization.
+#[test]
+fn nf4_nll_matches_hf_with_bitsandbytes_weights() {
+    use phitune_model::phi::Quantization;
+    let exp = common::expected();
+    let device = Default::default();
+    let dir = common::fixtures().join("tiny-phi");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tok = PhiTokenizer::from_dir(&dir, ckpt.config()).unwrap();
+    for (key, double_quant) in [("double_quant", true), ("single", false)] {
+        let model: Phi<B> =
+            Phi::load_with(&ckpt, &device, Some(Quantization { double_quant })).unwrap();
+        assert!(model.projections().iter().all(|p| p.2.base.is_quantized()));
+        assert!(!model.lm_head.is_quantized(), "lm_head stays float");
+        for case in exp["nf4"]["tiny-phi"][key].as_array().unwrap() {
+            let tokens = tok.encode(case["text"].as_str().unwrap()).unwrap();
+            let nll = model.token_nll(&tokens, &device);
+            for (i, (g, w)) in nll.iter().zip(case["nll"].as_array().unwrap()).enumerate() {
+                let w = w.as_f64().unwrap();
+                assert!((*g as f64 - w).abs() < 5e-3, "{key} token {i}: {g} vs {w}");
+            }
+        }
+    }
+}
