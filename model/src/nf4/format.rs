@@ -12,6 +12,8 @@
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 /// bitsandbytes' NF4 code table (index = 4-bit code), as f32 bit patterns.
 const NF4_BITS: [u32; 16] = [
     0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
@@ -118,30 +120,25 @@ impl Nf4Host {
     /// Quantizes a row-major `[out, in]` weight.
     pub fn quantize(w: &[f32], shape: [usize; 2], double_quant: bool) -> Self {
         assert_eq!(w.len(), shape[0] * shape[1]);
-        let mut absmax = Vec::with_capacity(w.len().div_ceil(BLOCK));
+        // Blocks are independent: 64 values -> 32 bytes (the last block may be shorter).
         let mut packed = vec![0x77u8; w.len().div_ceil(2)];
-        for (b, block) in w.chunks(BLOCK).enumerate() {
-            let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let full = block.len() == BLOCK;
-            let (stored, r) = if full {
-                (m, 1.0 / m.max(TINY))
-            } else {
-                (m.max(TINY), 0.0)
-            };
-            absmax.push(stored);
-            for (j, &x) in block.iter().enumerate() {
-                // Full blocks multiply by the reciprocal; the partial last block divides.
-                let s = if full { x * r } else { x / stored };
-                let q = nf4_code_of(s.clamp(-1.0, 1.0));
-                let i = b * BLOCK + j;
-                let byte = &mut packed[i / 2];
-                *byte = if i % 2 == 0 {
-                    (*byte & 0x0F) | (q << 4)
-                } else {
-                    (*byte & 0xF0) | q
-                };
-            }
-        }
+        let absmax: Vec<f32> = packed
+            .par_chunks_mut(BLOCK / 2)
+            .zip(w.par_chunks(BLOCK))
+            .map(|(bytes, block)| {
+                let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let full = block.len() == BLOCK;
+                let (stored, r) = if full { (m, 1.0 / m.max(TINY)) } else { (m.max(TINY), 0.0) };
+                for (j, &x) in block.iter().enumerate() {
+                    // Full blocks multiply by the reciprocal; the partial last block divides.
+                    let s = if full { x * r } else { x / stored };
+                    let q = nf4_code_of(s.clamp(-1.0, 1.0));
+                    let byte = &mut bytes[j / 2];
+                    *byte = if j % 2 == 0 { (*byte & 0x0F) | (q << 4) } else { (*byte & 0xF0) | q };
+                }
+                stored
+            })
+            .collect();
         let absmax = if double_quant {
             quantize_absmax(&absmax)
         } else {
