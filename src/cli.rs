@@ -23,6 +23,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base model and write an HF-format checkpoint.
     Merge(MergeArgs),
+    /// Inspect a data source: rows, split, a rendered example with its loss mask, lengths.
+    Data(DataArgs),
     /// Measure speed on a model with a given configuration and random weights (JSON).
     Bench(BenchArgs),
 }
@@ -134,6 +136,42 @@ pub struct GenerateArgs {
     /// Print one JSON object {"tokens": [...], "text": "..."} instead of streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataSourceArgs {
+    /// A .jsonl/.json/.parquet file, a directory of parquet shards, or a hub dataset id.
+    #[arg(long, default_value = "Cynaptics/persona-chat")]
+    pub data: String,
+    /// Hub revision when --data is a hub dataset id.
+    #[arg(long)]
+    pub data_revision: Option<String>,
+    /// Skip (and count) malformed rows instead of stopping at the first one.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Prompt template: persona (default) or seed (the original recipe's).
+    #[arg(long, default_value = "persona")]
+    pub template: phitune_data::Template,
+    /// Maximum tokens per example for the persona template (the seed template uses 128).
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Fraction of conversations held out for validation (by a stable hash of conv_id).
+    #[arg(long, default_value_t = 0.02)]
+    pub valid_fraction: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    #[command(flatten)]
+    pub source: DataSourceArgs,
+    /// The model whose tokenizer is used (directory or hub id).
+    #[arg(long, default_value = "microsoft/phi-2")]
+    pub model: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Which example to render (index into the loaded rows).
+    #[arg(long, default_value_t = 0)]
+    pub show: usize,
 }
 
 #[derive(Args, Debug)]

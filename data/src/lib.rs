@@ -1,1 +1,11 @@
-//! placeholder
+//! Everything between the Persona-Chat data set and token batches.
+
+pub mod batch;
+pub mod load;
+pub mod prompt;
+pub mod row;
+pub mod split;
+
+pub use load::{DataError, LoadOptions, Loaded, load_source};
+pub use prompt::Template;
+pub use row::PersonaRow;

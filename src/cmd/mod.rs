@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench;
+mod data;
 mod generate;
 mod merge;
 mod score;
@@ -17,6 +18,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Data(args) => data::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

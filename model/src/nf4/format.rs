@@ -128,13 +128,21 @@ impl Nf4Host {
             .map(|(bytes, block)| {
                 let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let full = block.len() == BLOCK;
-                let (stored, r) = if full { (m, 1.0 / m.max(TINY)) } else { (m.max(TINY), 0.0) };
+                let (stored, r) = if full {
+                    (m, 1.0 / m.max(TINY))
+                } else {
+                    (m.max(TINY), 0.0)
+                };
                 for (j, &x) in block.iter().enumerate() {
                     // Full blocks multiply by the reciprocal; the partial last block divides.
                     let s = if full { x * r } else { x / stored };
                     let q = nf4_code_of(s.clamp(-1.0, 1.0));
                     let byte = &mut bytes[j / 2];
-                    *byte = if j % 2 == 0 { (*byte & 0x0F) | (q << 4) } else { (*byte & 0xF0) | q };
+                    *byte = if j % 2 == 0 {
+                        (*byte & 0x0F) | (q << 4)
+                    } else {
+                        (*byte & 0xF0) | q
+                    };
                 }
                 stored
             })

@@ -1,0 +1,78 @@
+//! Memory: a forward + backward through several NF4 layers under autodiff never holds a dense
+//! copy of a weight. Its own test binary (one test) so that nothing else allocates meanwhile.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Distribution, Int, Tensor};
+use common::nf4::{host_weight, upload};
+use phitune_model::nf4::{self, Nf4Host};
+
+/// Counts live heap bytes and the peak, to prove what is (not) allocated.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts bytes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+type A = Autodiff<NdArray<f32, i32>>;
+
+/// A forward + backward through 4 quantized [1024, 1024] layers keeps no dense weight alive:
+/// the peak heap growth stays below one dense weight (4 MiB), where keeping a dequantized
+/// copy per layer for the backward pass would add 16 MiB.
+#[test]
+fn autodiff_keeps_no_dense_weights() {
+    let device = Default::default();
+    let (out, inp, layers) = (1024, 1024, 4);
+    let weights: Vec<(Tensor<A, 1, Int>, Tensor<A, 1>)> = (0..layers)
+        .map(|l| {
+            upload::<A>(
+                &Nf4Host::quantize(&host_weight(out, inp, l as u64 + 7), [out, inp], false),
+                &device,
+            )
+        })
+        .collect();
+    let x =
+        Tensor::<A, 2>::random([2, inp], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let dense_bytes = out * inp * 4;
+    let base = LIVE.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    let mut h = x.clone();
+    for (packed, absmax) in &weights {
+        h = nf4::nf4_linear(h, packed.clone(), absmax.clone(), [out, inp]);
+    }
+    let after_forward = LIVE.load(Ordering::SeqCst);
+    let grads = h.sum().backward();
+    let gx = x.grad(&grads).unwrap();
+    assert_eq!(gx.dims(), [2, inp]);
+    let peak = PEAK.load(Ordering::SeqCst).saturating_sub(base);
+    assert!(
+        after_forward.saturating_sub(base) < dense_bytes / 4,
+        "the forward pass retained {} bytes (a dense weight is {dense_bytes})",
+        after_forward - base
+    );
+    assert!(
+        peak < dense_bytes,
+        "peak heap growth {peak} bytes reaches a dense weight ({dense_bytes})"
+    );
+}
