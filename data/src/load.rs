@@ -106,15 +106,7 @@ pub fn load_source(
             "no such data file or directory (and not a hub dataset id like Cynaptics/persona-chat)",
         ));
     }
-    let files = hub_parquet_files(spec, revision)?;
-    let mut all = Loaded::default();
-    for f in files {
-        let part = load_file(&f, opts)?;
-        all.rows.extend(part.rows);
-        all.skipped.extend(part.skipped);
-        all.files.extend(part.files);
-    }
-    Ok(all)
+    load_files(&hub_parquet_files(spec, revision)?, opts)
 }
 
 /// A file, or every `.parquet` / `.jsonl` file in a directory (sorted by name).
@@ -131,9 +123,14 @@ pub fn load_path(path: &Path, opts: LoadOptions) -> Result<Loaded, DataError> {
             "directory holds no .parquet, .jsonl or .json files",
         ));
     }
+    load_files(&files, opts)
+}
+
+/// Loads several files in order into one set of rows.
+pub fn load_files(files: &[PathBuf], opts: LoadOptions) -> Result<Loaded, DataError> {
     let mut all = Loaded::default();
     for f in files {
-        let part = load_file(&f, opts)?;
+        let part = load_file(f, opts)?;
         all.rows.extend(part.rows);
         all.skipped.extend(part.skipped);
         all.files.extend(part.files);

@@ -155,14 +155,14 @@ impl PhiConfig {
                 return Err(format!("{name} = {v} is larger than supported ({max})"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(format!(
                 "num_key_value_heads {kv} must divide num_attention_heads {}",
                 self.num_attention_heads
@@ -173,7 +173,7 @@ impl PhiConfig {
             return Err(format!("partial_rotary_factor {factor} must be in (0, 1]"));
         }
         let exact = self.head_dim() as f64 * factor;
-        if (exact - exact.round()).abs() > 1e-9 || (exact.round() as usize) % 2 != 0 {
+        if (exact - exact.round()).abs() > 1e-9 || !(exact.round() as usize).is_multiple_of(2) {
             return Err(format!(
                 "rotary dim = head_dim {} x partial_rotary_factor {factor} = {exact} is not an even whole number",
                 self.head_dim()

@@ -353,7 +353,7 @@ fn header_bytes(
         offset = end;
     }
     let mut bytes = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while bytes.len() % 8 != 0 {
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     bytes

@@ -170,30 +170,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         absmax: FloatTensor<Self>,
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
-        let [n, k] = shape;
-        let x = into_contiguous(x);
-        let m = x.meta.shape().num_elements() / k;
-        let packed = into_contiguous(packed);
-        let absmax = absmax_f32::<R, F, I, BT>(absmax);
-        let lut = lut::<R, F, I, BT>(&x.device);
-        let out = empty::<R, F>(&x, [m, n]);
-        let client = x.client.clone();
-        let cube_dim = CubeDim::new(&client, m * n);
-        let cube_count = calculate_cube_count_elemwise(&client, m * n, cube_dim);
-        kernels::matmul::launch::<F, I, R>(
-            &client,
-            cube_count,
-            cube_dim,
-            x.into_tensor_arg(),
-            packed.into_tensor_arg(),
-            absmax.into_tensor_arg(),
-            lut.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            k,
-            n,
-            BLOCK,
-        );
-        out
+        matmul::<R, F, I, BT>(x, packed, absmax, shape, false)
     }
 
     fn nf4_matmul_t(
@@ -202,29 +179,63 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         absmax: FloatTensor<Self>,
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
-        let [n, k] = shape;
-        let dy = into_contiguous(dy);
-        let m = dy.meta.shape().num_elements() / n;
-        let packed = into_contiguous(packed);
-        let absmax = absmax_f32::<R, F, I, BT>(absmax);
-        let lut = lut::<R, F, I, BT>(&dy.device);
-        let out = empty::<R, F>(&dy, [m, k]);
-        let client = dy.client.clone();
-        let cube_dim = CubeDim::new(&client, m * k);
-        let cube_count = calculate_cube_count_elemwise(&client, m * k, cube_dim);
+        matmul::<R, F, I, BT>(dy, packed, absmax, shape, true)
+    }
+}
+
+/// `x [m, k] @ W^T -> [m, n]`, or with `transposed` `dy [m, n] @ W -> [m, k]`, for `W [n, k]`.
+fn matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    input: CubeTensor<R>,
+    packed: CubeTensor<R>,
+    absmax: CubeTensor<R>,
+    shape: [usize; 2],
+    transposed: bool,
+) -> CubeTensor<R> {
+    let [n, k] = shape;
+    let (inner, cols) = if transposed { (n, k) } else { (k, n) };
+    let input = into_contiguous(input);
+    let m = input.meta.shape().num_elements() / inner;
+    let packed = into_contiguous(packed);
+    let absmax = absmax_f32::<R, F, I, BT>(absmax);
+    let lut = lut::<R, F, I, BT>(&input.device);
+    let out = empty::<R, F>(&input, [m, cols]);
+    let client = input.client.clone();
+    let cube_dim = CubeDim::new(&client, m * cols);
+    let cube_count = calculate_cube_count_elemwise(&client, m * cols, cube_dim);
+    let args = (
+        input.into_tensor_arg(),
+        packed.into_tensor_arg(),
+        absmax.into_tensor_arg(),
+        lut.into_tensor_arg(),
+    );
+    if transposed {
         kernels::matmul_t::launch::<F, I, R>(
             &client,
             cube_count,
             cube_dim,
-            dy.into_tensor_arg(),
-            packed.into_tensor_arg(),
-            absmax.into_tensor_arg(),
-            lut.into_tensor_arg(),
+            args.0,
+            args.1,
+            args.2,
+            args.3,
             out.clone().into_tensor_arg(),
             k,
             n,
             BLOCK,
         );
-        out
+    } else {
+        kernels::matmul::launch::<F, I, R>(
+            &client,
+            cube_count,
+            cube_dim,
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            out.clone().into_tensor_arg(),
+            k,
+            n,
+            BLOCK,
+        );
     }
+    out
 }
