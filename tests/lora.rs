@@ -534,3 +534,39 @@ fn qlora_trains_adapters_on_an_nf4_base() {
         "every A must have trained"
     );
 }
+
+/// `merge --quant nf4` folds the adapter into the dequantized NF4 weights (what a QLoRA adapter
+/// was trained against): the merged float model scores like the NF4 base with the adapter.
+#[test]
+fn merge_into_nf4_base_equals_adapter_on_nf4_base() {
+    use phitune_model::phi::Quantization;
+    let adapter_dir = common::fixtures().join("adapters/peft-qkvd-r4");
+    let out = common::scratch("merge-nf4").join("merged");
+    let tiny = common::fixtures().join("tiny-phi").display().to_string();
+    let o = common::phitune(&[
+        "merge",
+        "--model",
+        &tiny,
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quant",
+        "nf4",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("writing float weights"));
+    let device = Default::default();
+    let ckpt = Checkpoint::open(&common::fixtures().join("tiny-phi")).unwrap();
+    let (_, tok) = load("tiny-phi");
+    let qlora = Phi::<B>::load_with(&ckpt, &device, Some(Quantization { double_quant: true }))
+        .unwrap()
+        .with_adapter(&Adapter::read(&adapter_dir).unwrap(), &device)
+        .unwrap();
+    let merged: Phi<B> = Phi::load(&Checkpoint::open(&out).unwrap(), &device).unwrap();
+    for (m, q) in all_nll(&merged, &tok).iter().zip(all_nll(&qlora, &tok)) {
+        assert!((m - q).abs() < 1e-4, "{m} vs {q}");
+    }
+}

@@ -117,3 +117,76 @@ impl<B: Backend> Batcher<B, Example, TokenBatch<B>> for PersonaBatcher {
         }
     }
 }
+
+/// Optional length bucketing: an order of example indices in which each batch holds examples
+/// of similar length (less padding). Examples are shuffled (seeded), cut into pools of
+/// `pool_batches` batches, each pool sorted by length and cut into batches, and the batches
+/// shuffled again, so batches stay random while their members are alike.
+pub fn bucketed_order(
+    lengths: &[usize],
+    batch_size: usize,
+    pool_batches: usize,
+    seed: u64,
+) -> Vec<usize> {
+    let mut rng = SplitMix(seed);
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut idx);
+    let pool = (batch_size * pool_batches).max(1);
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for chunk in idx.chunks_mut(pool) {
+        chunk.sort_by_key(|&i| lengths[i]);
+        batches.extend(chunk.chunks(batch_size.max(1)).map(|b| b.to_vec()));
+    }
+    rng.shuffle(&mut batches);
+    batches.into_iter().flatten().collect()
+}
+
+/// A small seeded generator (SplitMix64) so orders are identical on every machine.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucketing_is_a_seeded_permutation_that_reduces_padding() {
+        let lengths: Vec<usize> = (0..400).map(|i| (i * 7919) % 500 + 10).collect();
+        let order = bucketed_order(&lengths, 8, 16, 42);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..400).collect::<Vec<_>>(), "a permutation");
+        assert_eq!(order, bucketed_order(&lengths, 8, 16, 42), "seeded");
+        assert_ne!(order, bucketed_order(&lengths, 8, 16, 43));
+        let padding = |o: &[usize]| -> usize {
+            o.chunks(8)
+                .map(|b| {
+                    let m = b.iter().map(|&i| lengths[i]).max().unwrap();
+                    b.iter().map(|&i| m - lengths[i]).sum::<usize>()
+                })
+                .sum()
+        };
+        let plain: Vec<usize> = (0..400).collect();
+        assert!(
+            padding(&order) * 4 < padding(&plain),
+            "{} vs {}",
+            padding(&order),
+            padding(&plain)
+        );
+    }
+}

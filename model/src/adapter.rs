@@ -65,6 +65,11 @@ pub fn module_path(layer: usize, short: &str) -> String {
     format!("model.layers.{layer}.{group}.{short}")
 }
 
+/// Whether `path` is one of a Phi decoder layer's Linear modules (q/k/v/dense/fc1/fc2).
+pub fn is_adaptable_path(path: &str) -> bool {
+    parse_module_path(path).is_some()
+}
+
 fn parse_module_path(path: &str) -> Option<(usize, &str)> {
     let rest = path.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;

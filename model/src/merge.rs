@@ -99,28 +99,33 @@ pub fn merge(
             let mut w = StreamWriter::create(&tmp.join(file_name(i)), entries, &meta)?;
             for (name, dtype, _) in entries {
                 let module = name.strip_suffix(".weight");
-                let bytes = match module.and_then(|m| adapter.modules.get(m)) {
-                    Some(lora) => {
-                        let (mut values, shape) = ckpt.read_f32(name)?;
-                        if let Some(q) = quant {
-                            // The adapter was trained against the dequantized NF4 weights.
-                            let host = crate::nf4::Nf4Host::quantize(
-                                &values,
-                                [shape[0], shape[1]],
-                                q.double_quant,
-                            );
-                            values = host.dequantize();
-                        }
+                let lora = module.and_then(|m| adapter.modules.get(m));
+                // With --quant nf4 every decoder-layer Linear weight becomes its dequantized NF4
+                // value, adapted or not: that is the model the adapter was trained with.
+                let quantized =
+                    quant.filter(|_| module.is_some_and(crate::adapter::is_adaptable_path));
+                let bytes = if lora.is_none() && quantized.is_none() {
+                    match ckpt.info(name) {
+                        Some((_, i)) if i.dtype == *dtype => ckpt.read_raw(name)?,
+                        _ => f32_to_bytes(&ckpt.read_f32(name)?.0, *dtype),
+                    }
+                } else {
+                    let (mut values, shape) = ckpt.read_f32(name)?;
+                    if let Some(q) = quantized {
+                        let host = crate::nf4::Nf4Host::quantize(
+                            &values,
+                            [shape[0], shape[1]],
+                            q.double_quant,
+                        );
+                        values = host.dequantize();
+                    }
+                    if let Some(lora) = lora {
                         for (v, d) in values.iter_mut().zip(lora.delta()) {
                             *v += d;
                         }
                         merged += 1;
-                        f32_to_bytes(&values, *dtype)
                     }
-                    None if ckpt.info(name).is_some_and(|(_, i)| i.dtype == *dtype) => {
-                        ckpt.read_raw(name)?
-                    }
-                    None => f32_to_bytes(&ckpt.read_f32(name)?.0, *dtype),
+                    f32_to_bytes(&values, *dtype)
                 };
                 w.write_tensor(name, &bytes)?;
                 weight_map.insert(name.clone(), file_name(i));

@@ -184,7 +184,11 @@ impl Nf4Host {
     /// The 4-bit code of element `i`.
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0F }
+        if i.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0F
+        }
     }
 
     pub fn dequantize(&self) -> Vec<f32> {
