@@ -331,10 +331,10 @@ impl<B: Backend> Phi<B> {
         })?;
         bar.finish_and_clear();
         eprintln!(
-            "loaded {} ({} layers, {:.2}B parameters) in {:.1}s",
+            "loaded {} ({} layers, {} parameters) in {:.1}s",
             ckpt.dir().display(),
             config.num_hidden_layers,
-            config.num_parameters() as f64 / 1e9,
+            human_count(config.num_parameters()),
             start.elapsed().as_secs_f64()
         );
         Ok(model)
@@ -529,4 +529,15 @@ pub fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, I
 pub struct Quantization {
     /// Also quantize the absmax values (bitsandbytes' `bnb_4bit_use_double_quant`).
     pub double_quant: bool,
+}
+
+/// `2.78B`, `1.23M`, `4.5K`.
+fn human_count(n: usize) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= 1e9 => format!("{:.2}B", n / 1e9),
+        n if n >= 1e6 => format!("{:.2}M", n / 1e6),
+        n if n >= 1e3 => format!("{:.1}K", n / 1e3),
+        n => format!("{n}"),
+    }
 }
