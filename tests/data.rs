@@ -300,33 +300,18 @@ fn hub_dataset_from_the_local_cache() {
     let data = repo.join("snapshots").join(commit).join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::copy(sample("parquet"), data.join("train-00000-of-00001.parquet")).unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_phitune"))
-        .args([
-            "data",
-            "--data",
-            "Cynaptics/persona-chat",
-            "--model",
-            common::fixtures().join("tiny-phi").to_str().unwrap(),
-        ])
-        .env("HF_HOME", &home)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+    let tiny = common::fixtures().join("tiny-phi");
+    let data = |id: &str| {
+        common::phitune_with_hf_home(
+            &["data", "--data", id, "--model", tiny.to_str().unwrap()],
+            &home,
+        )
+    };
+    let o = data("Cynaptics/persona-chat");
     let out = common::stdout(&o);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(out.contains("rows:      200 valid"), "{out}");
     // A dataset that is not cached fails with a clear message while offline.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_phitune"))
-        .args([
-            "data",
-            "--data",
-            "someone/other-data",
-            "--model",
-            common::fixtures().join("tiny-phi").to_str().unwrap(),
-        ])
-        .env("HF_HOME", &home)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+    let o = data("someone/other-data");
     common::assert_one_line_error(&o, "HF_HUB_OFFLINE");
 }

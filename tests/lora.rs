@@ -274,44 +274,31 @@ fn merge_refuses_to_overwrite_and_bad_adapters() {
         std::fs::copy(Path::new(&adapter).join(f), bad.join(f)).unwrap();
     }
     let cfg = bad.join("adapter_config.json");
+    let score_bad = || {
+        common::phitune(&[
+            "score",
+            "--model",
+            &tiny,
+            "--adapter",
+            bad.to_str().unwrap(),
+            "--text",
+            "hello there",
+        ])
+    };
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
         text.replace("\"use_dora\": false", "\"use_dora\": true"),
     )
     .unwrap();
-    let o = common::phitune(&[
-        "score",
-        "--model",
-        &tiny,
-        "--adapter",
-        bad.to_str().unwrap(),
-        "--text",
-        "hello there",
-    ]);
+    let o = score_bad();
     common::assert_one_line_error(&o, "DoRA");
     std::fs::write(&cfg, text.replace("\"r\": 4", "\"r\": 8")).unwrap();
-    let o = common::phitune(&[
-        "score",
-        "--model",
-        &tiny,
-        "--adapter",
-        bad.to_str().unwrap(),
-        "--text",
-        "hello there",
-    ]);
+    let o = score_bad();
     common::assert_one_line_error(&o, "rank 4 in the weights, 8 in adapter_config.json");
     std::fs::write(&cfg, &text).unwrap();
     std::fs::remove_file(bad.join("adapter_model.safetensors")).unwrap();
-    let o = common::phitune(&[
-        "score",
-        "--model",
-        &tiny,
-        "--adapter",
-        bad.to_str().unwrap(),
-        "--text",
-        "hello there",
-    ]);
+    let o = score_bad();
     common::assert_one_line_error(&o, "no adapter_model.safetensors");
 }
 

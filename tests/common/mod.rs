@@ -31,14 +31,20 @@ pub fn copy_fixture(name: &str, to: &str) -> PathBuf {
     dst
 }
 
+/// Runs the binary offline with an empty HF cache.
 pub fn phitune(args: &[&str]) -> Output {
+    phitune_with_hf_home(
+        args,
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("hf-home-empty"),
+    )
+}
+
+/// Runs the binary offline against the HF cache under `hf_home`.
+pub fn phitune_with_hf_home(args: &[&str], hf_home: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_phitune"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("hf-home-empty"),
-        )
+        .env("HF_HOME", hf_home)
         .output()
         .expect("run phitune")
 }
