@@ -27,6 +27,75 @@ pub enum Command {
     Data(DataArgs),
     /// Measure speed on a model with a given configuration and random weights (JSON).
     Bench(BenchArgs),
+    /// Fine-tune with QLoRA (the seed recipe by default); leaves a PEFT adapter in --out.
+    Train(TrainArgs),
+    /// Held-out loss/perplexity, and with --generate greedy replies scored by unigram F1.
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A TOML file of training settings (keys as the flags, with underscores); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Output directory: adapter, config.toml, metrics.jsonl, curves.svg, checkpoints/.
+    #[arg(long, default_value = "runs/phi2-persona")]
+    pub out: std::path::PathBuf,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this optimizer step, without changing the schedule;
+    /// continue later with --resume.
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<usize>,
+    /// Plain progress lines instead of the live dashboard even on a terminal.
+    #[arg(long)]
+    pub no_dashboard: bool,
+    #[command(flatten)]
+    pub flags: phitune_train::TrainFlags,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data file, directory or hub dataset id; its held-out split is evaluated.
+    #[arg(long, default_value = "Cynaptics/persona-chat")]
+    pub data: String,
+    #[arg(long)]
+    pub data_revision: Option<String>,
+    /// Skip (and count) malformed rows.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Prompt template (default: the adapter's training run's, else persona).
+    #[arg(long)]
+    pub template: Option<phitune_data::Template>,
+    /// Maximum tokens per example (default: the adapter's training run's, else 512).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Fraction of conversations held out (must match training's; default: the run's, else 0.02).
+    #[arg(long)]
+    pub valid_fraction: Option<f64>,
+    /// Evaluate only the first N held-out rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Generate greedy replies for the first N held-out rows and score them (unigram F1).
+    #[arg(long, default_value_t = 0)]
+    pub generate: usize,
+    /// New tokens per reply.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// HF's repetition penalty for the replies (the seed used 1.2).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Sequences per forward pass for the loss.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Where generations.jsonl and summary.json go (default: eval/<adapter name or base>).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

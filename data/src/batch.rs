@@ -141,6 +141,13 @@ pub fn bucketed_order(
     batches.into_iter().flatten().collect()
 }
 
+/// A seeded permutation of `0..n`: the training order of one pass over the data.
+pub fn shuffled_order(n: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    SplitMix(seed).shuffle(&mut idx);
+    idx
+}
+
 /// A small seeded generator (SplitMix64) so orders are identical on every machine.
 struct SplitMix(u64);
 

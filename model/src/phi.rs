@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding};
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::activation::{gelu, gelu_approximate, log_softmax};
 use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
@@ -66,7 +66,8 @@ impl<B: Nf4Backend> DecoderLayer<B> {
 
 #[derive(Module, Debug)]
 pub struct Phi<B: Backend> {
-    pub embed_tokens: Embedding<B>,
+    /// `[vocab, hidden]`, frozen (a module constant, like every base weight).
+    pub embed_tokens: Tensor<B, 2>,
     pub embed_dropout: Dropout,
     pub layers: Vec<DecoderLayer<B>>,
     pub final_layernorm: LayerNorm<B>,
@@ -101,7 +102,10 @@ impl<B: Nf4Backend> Phi<B> {
         let mask =
             (s > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([s, past + s], past as i64, &device));
         let ctx = AttnContext { cos, sin, mask };
-        let mut h = self.embed_dropout.forward(self.embed_tokens.forward(ids));
+        let mut h = self.embed_dropout.forward(burn::tensor::module::embedding(
+            self.embed_tokens.clone(),
+            ids,
+        ));
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(h, &ctx, cache.as_deref_mut().map(|c| (c, i)));
         }
@@ -140,7 +144,7 @@ impl<B: Nf4Backend> Phi<B> {
 
 impl<B: Backend> Phi<B> {
     pub fn vocab_size(&self) -> usize {
-        self.embed_tokens.weight.dims()[0]
+        self.embed_tokens.dims()[0]
     }
 
     pub fn num_layers(&self) -> usize {
@@ -394,9 +398,7 @@ impl<B: Backend> Phi<B> {
         };
 
         let embed = get("model.embed_tokens.weight", &[config.vocab_size, h])?;
-        let embed_tokens = Embedding {
-            weight: Param::from_tensor(Tensor::from_data(embed, device)),
-        };
+        let embed_tokens = Tensor::from_data(embed, device);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -484,7 +486,7 @@ impl<B: Backend> Phi<B> {
         let lm_head = if config.tie_word_embeddings {
             let b = get("lm_head.bias", &[config.vocab_size])?;
             FrozenLinear {
-                weight: FrozenWeight::Dense(embed_tokens.weight.val()),
+                weight: FrozenWeight::Dense(embed_tokens.clone()),
                 bias: Some(Tensor::from_data(b, device)),
             }
         } else {

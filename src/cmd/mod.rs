@@ -2,9 +2,11 @@
 
 mod bench;
 mod data;
+mod eval;
 mod generate;
 mod merge;
 mod score;
+mod train;
 
 use anyhow::{Context, Result};
 use phitune_model::adapter::Adapter;
@@ -20,6 +22,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Merge(args) => merge::run(args),
         Command::Data(args) => data::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

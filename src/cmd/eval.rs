@@ -1,0 +1,134 @@
+//! `eval`: held-out loss/perplexity and, with --generate, replies scored by unigram F1.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use phitune_model::nf4::Nf4Backend;
+use phitune_train::eval::{EvalData, EvalOptions, EvalSummary, HeldOut, evaluate, held_out};
+
+use super::ModelSource;
+use crate::backend::{Job, dispatch};
+use crate::cli::EvalArgs;
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let source = ModelSource::open(&args.model)?;
+    let run = args
+        .model
+        .adapter
+        .as_deref()
+        .and_then(phitune_train::eval::run_config_for_adapter);
+    let spec = EvalData {
+        data: args.data.clone(),
+        data_revision: args.data_revision.clone(),
+        skip_invalid: args.skip_invalid,
+        template: args
+            .template
+            .or(run.as_ref().map(|r| r.template))
+            .unwrap_or(phitune_data::Template::Persona),
+        max_len: args
+            .max_len
+            .or(run.as_ref().map(|r| r.max_len))
+            .unwrap_or(512),
+        valid_fraction: args
+            .valid_fraction
+            .or(run.as_ref().map(|r| r.valid_fraction))
+            .unwrap_or(0.02),
+        limit: args.limit,
+    };
+    if !(0.0..1.0).contains(&spec.valid_fraction) || spec.valid_fraction == 0.0 {
+        bail!("--valid-fraction {} must be in (0, 1)", spec.valid_fraction);
+    }
+    let held = held_out(&spec, &source.tokenizer)?;
+    let out_dir = match (&args.out, args.generate) {
+        (Some(d), _) => Some(d.clone()),
+        (None, 0) => None,
+        (None, _) => Some(
+            PathBuf::from("eval").join(match &args.model.adapter {
+                Some(a) => a
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "adapter".into()),
+                None => "base".into(),
+            }),
+        ),
+    };
+    if let Some(d) = &out_dir {
+        if d.join("summary.json").exists() || d.join("generations.jsonl").exists() {
+            bail!(
+                "{} already holds an evaluation; choose another --out",
+                d.display()
+            );
+        }
+        std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
+    }
+    eprintln!(
+        "eval: {} held-out rows ({} template, max {} tokens){}",
+        held.examples.len(),
+        spec.template,
+        spec.max_len,
+        if args.generate > 0 {
+            format!(", replies for {}", args.generate.min(held.rows.len()))
+        } else {
+            String::new()
+        }
+    );
+    let (device, dtype) = args.model.device.resolve();
+    let summary = dispatch(
+        device,
+        dtype,
+        Eval {
+            source: &source,
+            held: &held,
+            spec: &spec,
+            opts: EvalOptions {
+                micro_batch: args.batch,
+                generate: args.generate,
+                max_new_tokens: args.max_new_tokens,
+                repetition_penalty: args.repetition_penalty,
+            },
+            generations: out_dir.as_ref().map(|d| d.join("generations.jsonl")),
+            names: (
+                args.model.model.clone(),
+                args.model.adapter.as_ref().map(|a| a.display().to_string()),
+            ),
+        },
+    )?;
+    let line = serde_json::to_string(&summary)?;
+    if let Some(d) = &out_dir {
+        let path = d.join("summary.json");
+        std::fs::write(&path, format!("{line}\n"))
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    println!("{line}");
+    Ok(())
+}
+
+struct Eval<'a> {
+    source: &'a ModelSource,
+    held: &'a HeldOut,
+    spec: &'a EvalData,
+    opts: EvalOptions,
+    generations: Option<PathBuf>,
+    names: (String, Option<String>),
+}
+
+impl Job for Eval<'_> {
+    type Output = EvalSummary;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<EvalSummary> {
+        let model = self.source.load::<B>(&device)?;
+        evaluate(
+            model,
+            &device,
+            &self.source.tokenizer,
+            self.held,
+            self.spec,
+            &self.opts,
+            self.generations.as_deref(),
+            self.names,
+        )
+    }
+}

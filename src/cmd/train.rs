@@ -1,0 +1,41 @@
+//! `train`: the fine-tune (see phitune-train), on the device the flags pick.
+
+use std::io::IsTerminal;
+
+use anyhow::Result;
+use phitune_model::nf4::Nf4Backend;
+
+use crate::backend::{Job, dispatch};
+use crate::cli::TrainArgs;
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let dashboard = !args.no_dashboard && std::io::stdout().is_terminal();
+    let (device, dtype) = args.device.resolve();
+    let prepared = phitune_train::prepare(phitune_train::Request {
+        config_file: args.config,
+        flags: args.flags,
+        out: args.out,
+        resume: args.resume,
+        stop_after: args.stop_after,
+        dashboard,
+    })?;
+    let summary = dispatch(device, dtype, Train(prepared))?;
+    eprintln!(
+        "{}: {} steps; adapter in {}; curves in {}",
+        summary.status,
+        summary.steps,
+        summary.adapter.display(),
+        summary.out.join("curves.svg").display()
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+struct Train(phitune_train::Prepared);
+
+impl Job for Train {
+    type Output = phitune_train::Summary;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<Self::Output> {
+        phitune_train::train::<B>(self.0, device)
+    }
+}

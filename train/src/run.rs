@@ -1,0 +1,517 @@
+//! A fine-tune from start to outputs: prepare (config, output directory, data, model files) on
+//! the host, then train on a backend through burn-train's `SupervisedTraining` with our step
+//! loop, then write the adapter, the curves and a summary.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::optim::AdamWConfig;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::renderer::{
+    EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining, ProgressType, TrainingProgress,
+};
+use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
+use phitune_data::batch::ExampleDataset;
+use phitune_data::prompt::Example;
+use phitune_data::split::{Split, split_of};
+use phitune_data::{LoadOptions, load_source};
+use phitune_model::nf4::Nf4Backend;
+use phitune_model::phi::Quantization;
+use phitune_model::{Checkpoint, Phi, PhiTokenizer};
+use serde::Serialize;
+
+use crate::checkpoint;
+use crate::config::{QuantMode, TrainConfig, TrainFlags};
+use crate::lm::{CausalLm, LmBatcher, LmStats};
+use crate::metrics::{
+    self, HostMemory, Loss, MetricsLog, Perplexity, TokenAccuracy, TokensPerSecond,
+};
+use crate::schedule::WarmupCosine;
+use crate::step_loop::{Components, Outcome, StepLoop, Stop};
+use crate::stream::{EvalSet, TrainStream};
+
+/// How the user asked for the run.
+pub struct Request {
+    pub config_file: Option<PathBuf>,
+    pub flags: TrainFlags,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub stop_after: Option<usize>,
+    /// Live dashboard (when stdout is a terminal); otherwise one plain line per step on stderr.
+    pub dashboard: bool,
+}
+
+/// Everything resolved on the host before touching a device.
+pub struct Prepared {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub resume_from: Option<(usize, PathBuf)>,
+    pub stop_after: Option<usize>,
+    pub checkpoint: Checkpoint,
+    pub train: Arc<Vec<Example>>,
+    pub valid: Arc<Vec<Example>>,
+    pub pad_id: u32,
+    pub dashboard: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub out: PathBuf,
+    pub status: String,
+    pub steps: usize,
+    pub max_steps: usize,
+    pub train_examples: usize,
+    pub valid_examples: usize,
+    pub trainable_params: usize,
+    pub final_train_loss: Option<f64>,
+    pub valid_loss_before: Option<f64>,
+    pub valid_loss: Option<f64>,
+    pub valid_perplexity: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub seconds: f64,
+    pub adapter: PathBuf,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+pub fn prepare(req: Request) -> Result<Prepared> {
+    let out = req.out.clone();
+    let config_path = out.join("config.toml");
+    let (config, resume_from) = if req.resume {
+        if !config_path.is_file() {
+            bail!(
+                "--resume: {} has no config.toml (not a training output directory)",
+                out.display()
+            );
+        }
+        let saved = TrainConfig::read(&config_path)?;
+        let config = if req.config_file.is_none() && req.flags.is_empty() {
+            saved.clone()
+        } else {
+            TrainConfig::resolve_from(Some(saved.clone()), req.config_file.as_deref(), &req.flags)?
+        };
+        if let Some(diff) = saved.differs_for_resume(&config) {
+            bail!("--resume cannot change {diff}; start a new run in another --out instead");
+        }
+        checkpoint::clean_staging(&out);
+        let from = checkpoint::latest(&out);
+        if let Some((_, dir)) = &from {
+            let state = checkpoint::read_state(dir)?;
+            if state.seed != config.seed || state.max_steps != config.max_steps {
+                bail!(
+                    "{}: written by a run with another seed or step count",
+                    dir.display()
+                );
+            }
+        }
+        (config, from)
+    } else {
+        let config = TrainConfig::resolve(req.config_file.as_deref(), &req.flags)?;
+        if out.exists() {
+            let non_empty = std::fs::read_dir(&out)
+                .with_context(|| out.display().to_string())?
+                .next()
+                .is_some();
+            if non_empty {
+                bail!(
+                    "{} exists and is not empty: pass --resume to continue the run there, or choose another --out",
+                    out.display()
+                );
+            }
+        }
+        (config, None)
+    };
+    if let Some(n) = req.stop_after
+        && (n == 0 || n > config.max_steps)
+    {
+        bail!(
+            "--stop-after {n} must be between 1 and max_steps ({})",
+            config.max_steps
+        );
+    }
+
+    let dir = phitune_model::hub::resolve_model(&config.model, config.revision.as_deref())?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let tok = PhiTokenizer::from_dir(&dir, ckpt.config())?;
+    let pad_id = tok.eos_token_ids[0];
+    let (train, valid) = load_examples(&config, &tok)?;
+
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if !req.resume {
+        checkpoint::write_synced(&config_path, config.to_toml().as_bytes())?;
+    }
+    Ok(Prepared {
+        config,
+        out,
+        resume_from,
+        stop_after: req.stop_after,
+        checkpoint: ckpt,
+        train: Arc::new(train),
+        valid: Arc::new(valid),
+        pad_id,
+        dashboard: req.dashboard,
+    })
+}
+
+/// Training and held-out examples (the latter limited to `eval_rows`, longest first so that
+/// batches pad little and a too-large batch fails at once rather than at the end).
+pub fn load_examples(
+    config: &TrainConfig,
+    tok: &PhiTokenizer,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let t = Instant::now();
+    let loaded = load_source(
+        &config.data,
+        config.data_revision.as_deref(),
+        LoadOptions {
+            skip_invalid: config.skip_invalid,
+        },
+    )?;
+    if loaded.rows.is_empty() {
+        bail!("{}: no valid rows", config.data);
+    }
+    let (valid_rows, train_rows): (Vec<_>, Vec<_>) = loaded
+        .rows
+        .into_iter()
+        .partition(|r| split_of(&r.conv_id, config.valid_fraction) == Split::Valid);
+    let train = ExampleDataset::build(&train_rows, tok, config.template, config.max_len)?;
+    let mut valid =
+        ExampleDataset::build(&valid_rows, tok, config.template, config.max_len)?.examples;
+    if config.eval_rows > 0 {
+        valid.truncate(config.eval_rows);
+    }
+    valid.sort_by_key(|e| std::cmp::Reverse(e.len));
+    eprintln!(
+        "data: {} training examples ({} dropped, {} truncated), {} held-out, from {} rows ({} skipped as malformed) in {:.1}s",
+        train.examples.len(),
+        train.dropped,
+        train.truncated,
+        valid.len(),
+        train_rows.len() + valid_rows.len(),
+        loaded.skipped.len(),
+        t.elapsed().as_secs_f64()
+    );
+    if train.examples.is_empty() {
+        bail!(
+            "{}: no training examples (every row is held out or dropped)",
+            config.data
+        );
+    }
+    Ok((train.examples, valid))
+}
+
+/// Runs the fine-tune on backend `B` (with or without activation checkpointing).
+pub fn train<B: Nf4Backend>(p: Prepared, device: B::Device) -> Result<Summary> {
+    if p.config.grad_checkpointing {
+        train_on::<Autodiff<B, BalancedCheckpointing>>(p, device)
+    } else {
+        train_on::<Autodiff<B>>(p, device)
+    }
+}
+
+fn train_on<AB>(p: Prepared, device: AB::Device) -> Result<Summary>
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    let started = Instant::now();
+    let c = p.config.clone();
+    let quant = (c.quant == QuantMode::Nf4).then_some(Quantization {
+        double_quant: c.double_quant,
+    });
+    let phi = Phi::<AB>::load_with(&p.checkpoint, &device, quant)
+        .with_context(|| format!("loading {}", p.checkpoint.dir().display()))?;
+    AB::seed(&device, c.seed);
+    let phi = phi.with_lora(&c.lora(), &device);
+    let trainable: usize = burn::module::Module::num_params(&phi);
+    let model = CausalLm::new(phi, 1.0 / c.grad_accum as f64, c.seed);
+    let optim = AdamWConfig::new()
+        .with_beta_1(c.adam_beta1 as f32)
+        .with_beta_2(c.adam_beta2 as f32)
+        .with_epsilon(c.adam_eps as f32)
+        .with_weight_decay(c.weight_decay as f32)
+        .init::<AB, CausalLm<AB>>();
+    let schedule = WarmupCosine::new(c.lr, c.warmup_steps(), c.max_steps);
+    let mut learner: Learner<Components<AB>> = Learner::new(model, optim, schedule);
+
+    let start_step = match &p.resume_from {
+        Some((step, dir)) => {
+            learner.load_model(checkpoint::load_record(dir, checkpoint::MODEL, &device)?);
+            learner.load_optim(checkpoint::load_record(dir, checkpoint::OPTIM, &device)?);
+            learner.load_scheduler(checkpoint::load_record::<usize, AB>(
+                dir,
+                checkpoint::SCHEDULER,
+                &device,
+            )?);
+            eprintln!("resuming from {} (step {step})", dir.display());
+            *step
+        }
+        None => 0,
+    };
+    let seqs = c.sequences_per_step();
+    let remaining = (c.max_steps - start_step) * seqs;
+    let stream = TrainStream::new(
+        p.train.clone(),
+        c.seed,
+        (start_step * seqs) as u64,
+        remaining,
+    );
+    let batcher = LmBatcher { pad_id: p.pad_id };
+    let train_loader = DataLoaderBuilder::<AB, _, _>::new(batcher.clone())
+        .batch_size(c.micro_batch)
+        .set_device(device.clone())
+        .build(stream);
+    let valid_loader = DataLoaderBuilder::<AB::InnerBackend, _, _>::new(batcher)
+        .batch_size(c.micro_batch)
+        .set_device(device.clone())
+        .build(EvalSet(p.valid.clone()));
+
+    // The base model's held-out loss, once, for the before/after comparison.
+    let mut log = MetricsLog::open(&p.out.join("metrics.jsonl"), start_step)?;
+    let elapsed_before = log.elapsed();
+    let mut valid_before = log
+        .records
+        .iter()
+        .find(|r| r.split == "valid" && r.step == 0)
+        .map(|r| r.loss);
+    if valid_before.is_none() && start_step == 0 && !p.valid.is_empty() {
+        eprintln!(
+            "evaluating the base model on {} held-out examples...",
+            p.valid.len()
+        );
+        let model = burn::module::AutodiffModule::valid(&learner.model());
+        let mut sum = LmStats::default();
+        let mut iter = valid_loader.iter();
+        while let Some(batch) = iter.next() {
+            sum.add(&burn::train::InferenceStep::step(&model, batch));
+        }
+        log.append(metrics::Record::from_stats("valid", 0, &sum, 0.0))?;
+        valid_before = Some(sum.loss());
+    }
+
+    let outcome = Arc::new(Mutex::new(None::<Outcome>));
+    let step_loop = StepLoop {
+        out: p.out.clone(),
+        config: c.clone(),
+        start_step,
+        stop_after: p.stop_after,
+        base_model: c.model.clone(),
+        plain: !p.dashboard,
+        log: Mutex::new(log),
+        outcome: outcome.clone(),
+        started,
+        elapsed_before,
+    };
+    let training = SupervisedTraining::new(p.out.join("logs"), train_loader, valid_loader)
+        .metrics((
+            Loss::default(),
+            Perplexity::default(),
+            TokenAccuracy::default(),
+        ))
+        .metric_train_numeric(burn::train::metric::LearningRateMetric::new())
+        .metric_train_numeric(TokensPerSecond::default())
+        .metric_train_numeric(HostMemory::default())
+        .with_training_strategy(TrainingStrategy::Custom(Arc::new(step_loop)))
+        // burn-train's application logger would replace our panic hook and log file handling.
+        .with_application_logger(None);
+    let training = if p.dashboard {
+        let tui = burn::train::renderer::tui::TuiMetricsRendererWrapper::new(
+            training.interrupter(),
+            None,
+        );
+        training.renderer(tui)
+    } else {
+        training.renderer(Quiet)
+    };
+    eprintln!(
+        "training: {} trainable parameters, {} optimizer steps of {} x {} sequences, lr {} (warmup {} steps, cosine), {}",
+        trainable,
+        c.max_steps,
+        c.micro_batch,
+        c.grad_accum,
+        c.lr,
+        c.warmup_steps(),
+        if c.quant == QuantMode::Nf4 {
+            "NF4 base"
+        } else {
+            "float base"
+        }
+    );
+    let result = training.launch(learner);
+    let outcome = outcome
+        .lock()
+        .ok()
+        .and_then(|o| o.clone())
+        .context("the training loop did not report an outcome")?;
+
+    let records = metrics::read(&p.out.join("metrics.jsonl")).unwrap_or_default();
+    write_curves(&p.out, &records)?;
+    let last_train = records.iter().rev().find(|r| r.split == "train");
+    let last_valid = records
+        .iter()
+        .rev()
+        .find(|r| r.split == "valid" && r.step > 0);
+    let trains: Vec<_> = records.iter().filter(|r| r.split == "train").collect();
+    let tps = {
+        let (tok, s) = trains
+            .iter()
+            .skip(1)
+            .fold((0usize, 0.0f64), |(t, s), r| (t + r.tokens, s + r.seconds));
+        (s > 0.0).then(|| tok as f64 / s)
+    };
+    let status = match &outcome.stop {
+        Stop::Completed => "completed".to_string(),
+        Stop::StoppedAfter(n) => format!("stopped after step {n}"),
+        Stop::Interrupted(why) => format!("interrupted ({why})"),
+        Stop::NonFinite { step, what } => {
+            let keep = outcome
+                .last_checkpoint
+                .as_ref()
+                .map_or("there is no checkpoint yet".to_string(), |d| {
+                    format!("the last good checkpoint is {}", d.display())
+                });
+            bail!(
+                "training stopped at step {step}: {what} is not finite; {keep} (lower --lr or --max-grad-norm, then --resume)"
+            );
+        }
+        Stop::Failed(e) => bail!("training stopped: {e}"),
+    };
+    // The adapter as of the last step, at the top of the output directory.
+    let adapter = result.model.phi.adapter(&c.lora(), Some(c.model.clone()));
+    let staging = p.out.join(".adapter.tmp");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| staging.display().to_string())?;
+    }
+    adapter.write(&staging)?;
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::rename(staging.join(f), p.out.join(f))
+            .with_context(|| format!("writing {}", p.out.join(f).display()))?;
+    }
+    let _ = std::fs::remove_dir(&staging);
+
+    let summary = Summary {
+        out: p.out.clone(),
+        status,
+        steps: outcome.steps_done,
+        max_steps: c.max_steps,
+        train_examples: p.train.len(),
+        valid_examples: p.valid.len(),
+        trainable_params: trainable,
+        final_train_loss: last_train.map(|r| r.loss),
+        valid_loss_before: valid_before,
+        valid_loss: last_valid.map(|r| r.loss),
+        valid_perplexity: last_valid.map(|r| r.perplexity),
+        tokens_per_second: tps,
+        seconds: records.last().map_or(0.0, |r| r.elapsed),
+        adapter: p.out.clone(),
+        last_checkpoint: outcome.last_checkpoint.clone(),
+    };
+    checkpoint::write_synced(
+        &p.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+/// `curves.svg`: loss (train and held-out), perplexity, learning rate per optimizer step.
+pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
+    use crate::plot::{Panel, Series, svg};
+    let pts = |split: &str, f: &dyn Fn(&metrics::Record) -> Option<f64>| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter(|r| r.split == split)
+            .filter_map(|r| f(r).map(|v| (r.step as f64, v)))
+            .collect()
+    };
+    let train_loss = pts("train", &|r| Some(r.loss));
+    let valid_loss = pts("valid", &|r| Some(r.loss));
+    let train_ppl = pts("train", &|r| Some(r.perplexity));
+    let valid_ppl = pts("valid", &|r| Some(r.perplexity));
+    let lr = pts("train", &|r| r.lr);
+    let gn = pts("train", &|r| r.grad_norm);
+    let panels = [
+        Panel {
+            title: "Loss (response tokens)",
+            y_label: "nats/token",
+            log_y: false,
+            series: vec![
+                Series {
+                    name: "train",
+                    points: &train_loss,
+                    color: "#1f77b4",
+                },
+                Series {
+                    name: "held-out",
+                    points: &valid_loss,
+                    color: "#d62728",
+                },
+            ],
+        },
+        Panel {
+            title: "Perplexity",
+            y_label: "perplexity",
+            log_y: true,
+            series: vec![
+                Series {
+                    name: "train",
+                    points: &train_ppl,
+                    color: "#1f77b4",
+                },
+                Series {
+                    name: "held-out",
+                    points: &valid_ppl,
+                    color: "#d62728",
+                },
+            ],
+        },
+        Panel {
+            title: "Learning rate",
+            y_label: "lr",
+            log_y: false,
+            series: vec![Series {
+                name: "lr",
+                points: &lr,
+                color: "#2ca02c",
+            }],
+        },
+        Panel {
+            title: "Gradient norm (before clipping)",
+            y_label: "L2 norm",
+            log_y: false,
+            series: vec![Series {
+                name: "grad norm",
+                points: &gn,
+                color: "#9467bd",
+            }],
+        },
+    ];
+    checkpoint::write_synced(
+        &out.join("curves.svg"),
+        svg(&panels, "optimizer step").as_bytes(),
+    )
+}
+
+/// The renderer used without a terminal: the step loop prints its own lines.
+struct Quiet;
+
+impl MetricsRendererTraining for Quiet {
+    fn update_train(&mut self, _: MetricState) {}
+    fn update_valid(&mut self, _: MetricState) {}
+    fn render_train(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
+    fn render_valid(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRendererEvaluation for Quiet {
+    fn update_test(&mut self, _: EvaluationName, _: MetricState) {}
+    fn render_test(&mut self, _: EvaluationProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRenderer for Quiet {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, _: burn::train::metric::MetricDefinition) {}
+}

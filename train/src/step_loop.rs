@@ -1,0 +1,363 @@
+//! The fine-tune as a burn-train learning strategy: the Learner runs it, its event processor
+//! feeds the dashboard, its `Checkpointer`s write the records. What this loop adds is what the
+//! seed recipe needs and burn-train 0.21's epoch loop does not do: optimizer steps as the unit
+//! (schedule, stop, evaluation and checkpoint intervals), global-norm clipping, exact resume
+//! (data position and dropout seeds derive from the step), atomic checkpoints, and a stop with
+//! the last good checkpoint kept when the loss goes NaN.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::data::dataloader::Progress;
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator};
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::checkpoint::AsyncCheckpointer;
+use burn::train::{
+    EventProcessorTraining, InferenceStep, Learner, LearnerEvent, LearningCheckpointer,
+    LearningComponentsMarker, SupervisedLearningStrategy, SupervisedTrainingEventProcessor,
+    TrainLoader, TrainingComponents, TrainingItem, ValidLoader,
+};
+use phitune_model::nf4::Nf4Backend;
+
+use crate::checkpoint::{self, CheckpointState, Completion, EveryRequest, RecordFile};
+use crate::clip::clip_global_norm;
+use crate::config::TrainConfig;
+use crate::lm::{CausalLm, LmStats};
+use crate::metrics::{MetricsLog, Record};
+use crate::schedule::WarmupCosine;
+
+pub type Optim<AB> = OptimizerAdaptor<AdamW, CausalLm<AB>, AB>;
+pub type Components<AB> = LearningComponentsMarker<AB, WarmupCosine, CausalLm<AB>, Optim<AB>>;
+
+/// Why the loop ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// `max_steps` reached.
+    Completed,
+    /// `--stop-after` reached (a checkpoint was written).
+    StoppedAfter(usize),
+    /// The dashboard's quit key or a signal (a checkpoint was written).
+    Interrupted(String),
+    /// NaN/Inf loss or gradient norm at this step; nothing after the last checkpoint is kept.
+    NonFinite { step: usize, what: String },
+    /// An I/O or data error.
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub stop: Stop,
+    /// Optimizer steps completed (and applied).
+    pub steps_done: usize,
+    pub last_checkpoint: Option<PathBuf>,
+    pub last_valid: Option<LmStats>,
+}
+
+pub struct StepLoop {
+    pub out: PathBuf,
+    pub config: TrainConfig,
+    pub start_step: usize,
+    pub stop_after: Option<usize>,
+    pub base_model: String,
+    /// Print one line per optimizer step on stderr (no dashboard).
+    pub plain: bool,
+    pub log: Mutex<MetricsLog>,
+    pub outcome: Arc<Mutex<Option<Outcome>>>,
+    pub started: Instant,
+    pub elapsed_before: f64,
+}
+
+struct Ctx<'a, AB>
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    processor: &'a mut SupervisedTrainingEventProcessor<Components<AB>>,
+    valid: &'a ValidLoader<Components<AB>>,
+}
+
+impl StepLoop {
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Evaluation intervals, for the dashboard's progress ("epochs" there).
+    fn intervals(&self) -> (usize, usize) {
+        let every = if self.config.eval_every == 0 {
+            self.config.max_steps
+        } else {
+            self.config.eval_every
+        };
+        (every, self.config.max_steps.div_ceil(every))
+    }
+
+    fn evaluate<AB>(
+        &self,
+        learner: &Learner<Components<AB>>,
+        ctx: &mut Ctx<'_, AB>,
+        interval: usize,
+        total: usize,
+    ) -> LmStats
+    where
+        AB: AutodiffBackend + Nf4Backend,
+        AB::InnerBackend: Nf4Backend,
+    {
+        let model = learner.model().valid();
+        let global = Progress::new(interval, total);
+        let mut iter = ctx.valid.iter();
+        let mut sum = LmStats::default();
+        let mut k = 0;
+        while let Some(batch) = iter.next() {
+            k += 1;
+            let t = Instant::now();
+            let mut stats = model.step(batch);
+            stats.seconds = t.elapsed().as_secs_f64();
+            sum.add(&stats);
+            ctx.processor
+                .process_valid(LearnerEvent::ProcessedItem(TrainingItem::new(
+                    stats,
+                    iter.progress(),
+                    global.clone(),
+                    Some(k),
+                    None,
+                )));
+        }
+        ctx.processor
+            .process_valid(LearnerEvent::EndEpoch(interval));
+        sum
+    }
+
+    fn checkpoint<AB>(
+        &self,
+        learner: &Learner<Components<AB>>,
+        writer: &mut LearningCheckpointer<Components<AB>>,
+        completion: &Completion,
+        store: &burn::train::metric::store::EventStoreClient,
+        state: &CheckpointState,
+    ) -> anyhow::Result<PathBuf>
+    where
+        AB: AutodiffBackend + Nf4Backend,
+        AB::InnerBackend: Nf4Backend,
+    {
+        let staging = checkpoint::begin(&self.out, state.step)?;
+        writer.checkpoint(learner, state.step, store);
+        let adapter = learner
+            .model()
+            .phi
+            .adapter(&self.config.lora(), Some(self.base_model.clone()));
+        let written = adapter.write(&staging);
+        completion.wait()?;
+        written?;
+        checkpoint::commit(&self.out, state, self.config.keep_checkpoints)
+    }
+
+    fn finish(
+        &self,
+        stop: Stop,
+        steps_done: usize,
+        last_checkpoint: Option<PathBuf>,
+        last_valid: Option<LmStats>,
+    ) {
+        if let Ok(mut o) = self.outcome.lock() {
+            *o = Some(Outcome {
+                stop,
+                steps_done,
+                last_checkpoint,
+                last_valid,
+            });
+        }
+    }
+}
+
+impl<AB> SupervisedLearningStrategy<Components<AB>> for StepLoop
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    fn fit(
+        &self,
+        components: TrainingComponents<Components<AB>>,
+        mut learner: Learner<Components<AB>>,
+        train: TrainLoader<Components<AB>>,
+        valid: ValidLoader<Components<AB>>,
+        _starting_epoch: usize,
+    ) -> (
+        CausalLm<AB>,
+        SupervisedTrainingEventProcessor<Components<AB>>,
+    ) {
+        let mut processor = components.event_processor;
+        let interrupter = components.interrupter;
+        let store = components.event_store;
+        let c = &self.config;
+        let (tx, completion) = Completion::channel();
+        let mut writer = LearningCheckpointer::new(
+            AsyncCheckpointer::new(RecordFile::new(&self.out, checkpoint::MODEL, tx.clone())),
+            AsyncCheckpointer::new(RecordFile::new(&self.out, checkpoint::OPTIM, tx.clone())),
+            AsyncCheckpointer::new(RecordFile::new(&self.out, checkpoint::SCHEDULER, tx)),
+            Box::new(EveryRequest),
+        );
+        let (every, intervals) = self.intervals();
+        let mut iter = train.iter();
+        let mut last_checkpoint = checkpoint::latest(&self.out).map(|(_, d)| d);
+        let mut last_valid = None;
+        let mut step = self.start_step;
+        let mut ctx = Ctx::<AB> {
+            processor: &mut processor,
+            valid: &valid,
+        };
+
+        let stop = loop {
+            if step >= c.max_steps {
+                break Stop::Completed;
+            }
+            let interval = step / every + 1;
+            learner.lr_step();
+            let lr = learner.lr_current();
+            let t0 = Instant::now();
+            let mut accumulator = GradientsAccumulator::new();
+            let mut stats = LmStats::default();
+            let mut exhausted = false;
+            for k in 0..c.grad_accum {
+                let Some(batch) = iter.next() else {
+                    exhausted = true;
+                    break;
+                };
+                let t = Instant::now();
+                let out = learner.train_step(batch);
+                accumulator.accumulate(&learner.model(), out.grads);
+                let mut item = out.item;
+                item.seconds = t.elapsed().as_secs_f64();
+                stats.add(&item);
+                let done_in_interval = (step % every) * c.grad_accum + k + 1;
+                let progress = Progress::new(
+                    done_in_interval,
+                    every.min(c.max_steps - (interval - 1) * every) * c.grad_accum,
+                );
+                ctx.processor
+                    .process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
+                        item,
+                        progress,
+                        Progress::new(interval, intervals),
+                        Some(step + 1),
+                        Some(lr),
+                    )));
+            }
+            if exhausted {
+                break Stop::Failed(format!(
+                    "the training stream ended before step {}",
+                    step + 1
+                ));
+            }
+            if !stats.nll_sum.is_finite() {
+                break Stop::NonFinite {
+                    step: step + 1,
+                    what: format!("loss {}", stats.loss()),
+                };
+            }
+            let mut grads = accumulator.grads();
+            let norm = clip_global_norm::<AB, _>(&learner.model(), &mut grads, c.max_grad_norm);
+            if !norm.is_finite() {
+                break Stop::NonFinite {
+                    step: step + 1,
+                    what: format!("gradient norm {norm}"),
+                };
+            }
+            learner.optimizer_step(grads);
+            step += 1;
+            stats.seconds = t0.elapsed().as_secs_f64();
+
+            let mut record = Record::from_stats("train", step, &stats, self.elapsed());
+            record.lr = Some(lr);
+            record.grad_norm = Some(norm);
+            if self.plain {
+                eprintln!("{}", progress_line(&record, c.max_steps));
+            }
+            if let Err(e) = self
+                .log
+                .lock()
+                .map_err(|_| anyhow::anyhow!("metrics log"))
+                .and_then(|mut l| l.append(record))
+            {
+                break Stop::Failed(format!("{e:#}"));
+            }
+
+            let interval_end = step % every == 0 || step == c.max_steps;
+            let stopping = interrupter.should_stop() || self.stop_after == Some(step);
+            if interval_end {
+                ctx.processor
+                    .process_train(LearnerEvent::EndEpoch(interval));
+            }
+            if interval_end && !stopping {
+                let v = self.evaluate(&learner, &mut ctx, interval, intervals);
+                let record = Record::from_stats("valid", step, &v, self.elapsed());
+                if self.plain {
+                    eprintln!(
+                        "eval  {step:>5}/{} | held-out loss {:.4} | ppl {:.2} | acc {:.1}% | {} examples",
+                        c.max_steps,
+                        v.loss(),
+                        v.loss().exp(),
+                        100.0 * v.correct as f64 / v.targets.max(1) as f64,
+                        v.sequences
+                    );
+                }
+                if let Err(e) = self
+                    .log
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("metrics log"))
+                    .and_then(|mut l| l.append(record))
+                {
+                    break Stop::Failed(format!("{e:#}"));
+                }
+                last_valid = Some(v);
+            }
+            if step % c.save_every == 0 || step == c.max_steps || stopping {
+                let state = CheckpointState {
+                    step,
+                    examples_seen: (step * c.sequences_per_step()) as u64,
+                    seed: c.seed,
+                    max_steps: c.max_steps,
+                    train_loss: stats.loss(),
+                    valid_loss: last_valid.map(|v| v.loss()),
+                };
+                match self.checkpoint(&learner, &mut writer, &completion, &store, &state) {
+                    Ok(dir) => {
+                        if self.plain {
+                            eprintln!("saved {}", dir.display());
+                        }
+                        last_checkpoint = Some(dir);
+                    }
+                    Err(e) => break Stop::Failed(format!("{e:#}")),
+                }
+            }
+            if self.stop_after == Some(step) {
+                break Stop::StoppedAfter(step);
+            }
+            if interrupter.should_stop() {
+                break Stop::Interrupted(
+                    interrupter
+                        .get_message()
+                        .unwrap_or_else(|| "interrupted".into()),
+                );
+            }
+        };
+        self.finish(stop, step, last_checkpoint, last_valid);
+        (learner.model(), processor)
+    }
+}
+
+fn progress_line(r: &Record, max_steps: usize) -> String {
+    format!(
+        "step {:>5}/{max_steps} | loss {:.4} | ppl {:.2} | acc {:.1}% | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | {:.2} s/step",
+        r.step,
+        r.loss,
+        r.perplexity,
+        100.0 * r.token_accuracy,
+        r.lr.unwrap_or(0.0),
+        r.grad_norm.unwrap_or(0.0),
+        r.tokens_per_second.unwrap_or(0.0),
+        r.seconds,
+    )
+}
