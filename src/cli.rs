@@ -126,8 +126,9 @@ pub enum Quant {
 #[derive(Args, Debug, Clone)]
 pub struct QuantArgs {
     /// Quantize the base model's decoder-layer Linear weights while loading.
-    #[arg(long, value_enum, default_value_t = Quant::None)]
-    pub quant: Quant,
+    /// [default: none; for `eval` with a training run's adapter, the run's]
+    #[arg(long, value_enum)]
+    pub quant: Option<Quant>,
     /// With --quant nf4: also quantize the absmax values (bitsandbytes' double quant).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub double_quant: bool,
@@ -135,7 +136,7 @@ pub struct QuantArgs {
 
 impl QuantArgs {
     pub fn quantization(&self) -> Option<phitune_model::phi::Quantization> {
-        (self.quant == Quant::Nf4).then_some(phitune_model::phi::Quantization {
+        (self.quant == Some(Quant::Nf4)).then_some(phitune_model::phi::Quantization {
             double_quant: self.double_quant,
         })
     }

@@ -14,12 +14,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let source = ModelSource::open(&args.model)?;
     let run = args
         .model
         .adapter
         .as_deref()
         .and_then(phitune_train::eval::run_config_for_adapter);
+    // An adapter is evaluated on the base it was trained against (NF4 for QLoRA) unless asked.
+    let mut model_args = args.model.clone();
+    if let (None, Some(r)) = (model_args.quant.quant, &run) {
+        model_args.quant.quant = Some(match r.quant {
+            phitune_train::QuantMode::Nf4 => crate::cli::Quant::Nf4,
+            phitune_train::QuantMode::None => crate::cli::Quant::None,
+        });
+        model_args.quant.double_quant = r.double_quant;
+    }
+    let source = ModelSource::open(&model_args)?;
     let spec = EvalData {
         data: args.data.clone(),
         data_revision: args.data_revision.clone(),

@@ -227,6 +227,7 @@ pub fn begin(out: &Path, step: usize) -> Result<PathBuf> {
 /// the newest `keep` checkpoints.
 pub fn commit(out: &Path, state: &CheckpointState, keep: usize) -> Result<PathBuf> {
     let staging = staging_dir(out, state.step);
+    test_delay();
     for f in ADAPTER_FILES {
         sync_file(&staging.join(f)).with_context(|| staging.join(f).display().to_string())?;
     }
@@ -235,6 +236,7 @@ pub fn commit(out: &Path, state: &CheckpointState, keep: usize) -> Result<PathBu
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
     sync_dir(&staging);
+    test_delay();
     let dir = step_dir(out, state.step);
     if dir.exists() {
         // A checkpoint of the same step from an earlier attempt: replace it.
@@ -274,7 +276,19 @@ fn retire(dir: &Path) -> Result<()> {
         let _ = std::fs::remove_dir_all(&gone);
     }
     std::fs::rename(dir, &gone).with_context(|| format!("retiring {}", dir.display()))?;
+    test_delay();
     std::fs::remove_dir_all(&gone).with_context(|| format!("deleting {}", gone.display()))
+}
+
+/// For the kill test: `PHITUNE_TEST_CHECKPOINT_DELAY_MS` widens the windows between the steps
+/// of writing and retiring a checkpoint, so that a random kill lands inside them often.
+fn test_delay() {
+    if let Some(ms) = std::env::var("PHITUNE_TEST_CHECKPOINT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Writes a file through a temporary name and a rename, synced.

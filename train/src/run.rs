@@ -329,7 +329,7 @@ where
         training.renderer(Quiet)
     };
     eprintln!(
-        "training: {} trainable parameters, {} optimizer steps of {} x {} sequences, lr {} (warmup {} steps, cosine), {}",
+        "training: {} trainable parameters, {} optimizer steps of {} x {} sequences, lr {:e} (warmup {} steps, cosine), {}",
         trainable,
         c.max_steps,
         c.micro_batch,

@@ -290,7 +290,9 @@ where
                 ctx.processor
                     .process_train(LearnerEvent::EndEpoch(interval));
             }
-            if interval_end && !stopping {
+            // Skipped when interrupted (the user wants out now); a planned stop evaluates as the
+            // uninterrupted run would, so the two logs stay identical.
+            if interval_end && !interrupter.should_stop() {
                 let v = self.evaluate(&learner, &mut ctx, interval, intervals);
                 let record = Record::from_stats("valid", step, &v, self.elapsed());
                 if self.plain {
