@@ -524,3 +524,68 @@ fn global_norm_clipping_matches_torch() {
         }
     }
 }
+
+/// An adapter written by `train` (the demo run, `configs/demo.toml`, committed under
+/// tests/fixtures/adapters/ours-train-demo) loads in PEFT and scores the same there
+/// (`make_fixtures.py --adapters-only` computed the references with PeftModel.from_pretrained).
+#[test]
+fn adapter_from_train_scores_the_same_in_peft() {
+    let exp = expected();
+    let entry = &exp["adapters"]["ours-train-demo"];
+    assert!(
+        entry["base_nll_delta_max"].as_f64().unwrap() > 0.1,
+        "training must have changed the model"
+    );
+    let tiny = fixtures().join("tiny-phi");
+    let adapter = fixtures().join("adapters/ours-train-demo");
+    for case in entry["score"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let o = phitune(&[
+            "score",
+            "--device",
+            "cpu",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--text",
+            text,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["tokens"], case["tokens"]);
+        for (i, (got, want)) in v["nll"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["nll"].as_array().unwrap())
+            .enumerate()
+        {
+            let (g, w) = (got.as_f64().unwrap(), want.as_f64().unwrap());
+            assert!((g - w).abs() < 1e-3, "{text:?} token {i}: {g} vs PEFT {w}");
+        }
+    }
+}
+
+/// Activation checkpointing (Burn's balanced strategy) trades compute for memory without
+/// changing the numbers.
+#[test]
+fn gradient_checkpointing_gives_the_same_run() {
+    let dir = scratch("train-ckpt");
+    let (a, b) = (dir.join("plain"), dir.join("recompute"));
+    let extra = ["--eval-every", "0", "--save-every", "3"];
+    let o = run(&with(base_args(&a, 3), &extra));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&with(
+        set(base_args(&b, 3), "--grad-checkpointing", "true"),
+        &extra,
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg = std::fs::read_to_string(b.join("config.toml")).unwrap();
+    assert!(cfg.contains("grad_checkpointing = true"), "{cfg}");
+    let (la, lb) = (train_losses(&a), train_losses(&b));
+    assert_eq!(la.len(), 3);
+    for ((step, x), (_, y)) in la.iter().zip(&lb) {
+        assert!((x - y).abs() < 1e-5, "step {step}: {x} vs {y}");
+    }
+}
