@@ -103,6 +103,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             names: (
                 args.model.model.clone(),
                 args.model.adapter.as_ref().map(|a| a.display().to_string()),
+                if source.quant.is_some() {
+                    "nf4"
+                } else {
+                    "none"
+                }
+                .to_string(),
             ),
         },
     )?;
@@ -122,7 +128,7 @@ struct Eval<'a> {
     spec: &'a EvalData,
     opts: EvalOptions,
     generations: Option<PathBuf>,
-    names: (String, Option<String>),
+    names: (String, Option<String>, String),
 }
 
 impl Job for Eval<'_> {

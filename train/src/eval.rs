@@ -106,6 +106,8 @@ pub fn run_config_for_adapter(adapter: &Path) -> Option<TrainConfig> {
 pub struct EvalSummary {
     pub model: String,
     pub adapter: Option<String>,
+    /// The base weights: "nf4" or "none" (float).
+    pub quant: String,
     pub template: String,
     pub rows: usize,
     pub loss: f64,
@@ -131,7 +133,7 @@ pub fn evaluate<B: Nf4Backend>(
     spec: &EvalData,
     opts: &EvalOptions,
     generations: Option<&Path>,
-    names: (String, Option<String>),
+    names: (String, Option<String>, String),
 ) -> Result<EvalSummary> {
     let t = Instant::now();
     let batcher = LmBatcher {
@@ -154,15 +156,14 @@ pub fn evaluate<B: Nf4Backend>(
         let batch = batcher.batch(items, device);
         sum.add(&model.objective(&batch).1);
         if (k + 1) % 10 == 0 || k + 1 == batches {
-            eprint!(
-                "\rloss: {}/{} batches, running loss {:.4}  ",
+            progress(&format!(
+                "loss: {}/{batches} batches, running loss {:.4}",
                 k + 1,
-                batches,
                 sum.loss()
-            );
+            ));
         }
     }
-    eprintln!();
+    progress_done();
     if !sum.nll_sum.is_finite() {
         bail!("the held-out loss is not finite ({})", sum.loss());
     }
@@ -204,19 +205,22 @@ pub fn evaluate<B: Nf4Backend>(
                 "f1": f1,
             });
             writeln!(out, "{line}").with_context(|| format!("writing {}", path.display()))?;
-            eprint!(
-                "\rgenerate: {}/{n} rows, mean F1 {:.4}  ",
-                i + 1,
-                f1s.iter().sum::<f64>() / f1s.len() as f64
-            );
+            if (i + 1) % 10 == 0 || i + 1 == n || is_tty() {
+                progress(&format!(
+                    "generate: {}/{n} rows, mean F1 {:.4}",
+                    i + 1,
+                    f1s.iter().sum::<f64>() / f1s.len() as f64
+                ));
+            }
         }
-        eprintln!();
+        progress_done();
         out.flush()
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(EvalSummary {
         model: names.0,
         adapter: names.1,
+        quant: names.2,
         template: spec.template.to_string(),
         rows: held.examples.len(),
         loss: sum.loss(),
@@ -230,4 +234,24 @@ pub fn evaluate<B: Nf4Backend>(
             .flatten(),
         seconds: t.elapsed().as_secs_f64(),
     })
+}
+
+fn is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+/// A progress line: rewritten in place on a terminal, one line each otherwise.
+fn progress(msg: &str) {
+    if is_tty() {
+        eprint!("\r{msg}   ");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
+fn progress_done() {
+    if is_tty() {
+        eprintln!();
+    }
 }
