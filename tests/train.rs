@@ -54,6 +54,19 @@ fn base_args(out: &Path, max_steps: usize) -> Vec<String> {
     .collect()
 }
 
+/// Progress lines may precede it, but the run ends with one error line and no panic.
+fn assert_fails_with(o: &std::process::Output, want: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure: {err}");
+    assert_ne!(o.status.code(), Some(101), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains(want), "{err}");
+}
+
 fn run(args: &[String]) -> std::process::Output {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     phitune(&a)
@@ -588,4 +601,31 @@ fn gradient_checkpointing_gives_the_same_run() {
     for ((step, x), (_, y)) in la.iter().zip(&lb) {
         assert!((x - y).abs() < 1e-5, "step {step}: {x} vs {y}");
     }
+}
+
+/// Resuming on data that changed since the checkpoint would silently train on other examples.
+#[test]
+fn resume_refuses_changed_data() {
+    let dir = scratch("train-data-changed");
+    let data = dir.join("rows.jsonl");
+    std::fs::copy(root().join(SAMPLE), &data).unwrap();
+    let out = dir.join("run");
+    let args = with(
+        set(base_args(&out, 3), "--data", data.to_str().unwrap()),
+        &["--eval-every", "0", "--stop-after", "1"],
+    );
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&data).unwrap();
+    let fewer: Vec<&str> = text.lines().skip(1).collect();
+    std::fs::write(&data, fewer.join("\n")).unwrap();
+    let o = phitune(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--device",
+        "cpu",
+    ]);
+    assert_fails_with(&o, "the training data differ");
 }

@@ -41,6 +41,9 @@ pub struct CheckpointState {
     pub examples_seen: u64,
     /// Dropout masks and the data order derive from this and the position.
     pub seed: u64,
+    /// Fingerprint of the tokenized training examples: a resumed run must see the same data.
+    #[serde(default)]
+    pub data_fingerprint: Option<u64>,
     pub max_steps: usize,
     pub train_loss: f64,
     pub valid_loss: Option<f64>,
@@ -89,6 +92,24 @@ pub fn is_complete(dir: &Path) -> bool {
             .iter()
             .all(|r| dir.join(format!("{r}.mpk")).is_file())
         && ADAPTER_FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// FNV-1a over the examples' token ids and labels, in order.
+pub fn data_fingerprint(examples: &[phitune_data::prompt::Example]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: u64| {
+        for b in v.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(examples.len() as u64);
+    for e in examples {
+        eat(e.input_ids.len() as u64);
+        e.input_ids.iter().for_each(|&t| eat(t as u64));
+        e.labels.iter().for_each(|&l| eat(l as u64));
+    }
+    h
 }
 
 pub fn read_state(dir: &Path) -> Result<CheckpointState> {

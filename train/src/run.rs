@@ -140,6 +140,19 @@ pub fn prepare(req: Request) -> Result<Prepared> {
     let tok = PhiTokenizer::from_dir(&dir, ckpt.config())?;
     let pad_id = tok.eos_token_ids[0];
     let (train, valid) = load_examples(&config, &tok)?;
+    if let Some((_, dir)) = &resume_from {
+        let state = checkpoint::read_state(dir)?;
+        if state
+            .data_fingerprint
+            .is_some_and(|f| f != checkpoint::data_fingerprint(&train))
+        {
+            bail!(
+                "{}: the training data differ from those of the run being resumed ({} now)",
+                dir.display(),
+                config.data
+            );
+        }
+    }
 
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if !req.resume {
@@ -306,6 +319,7 @@ where
         outcome: outcome.clone(),
         started,
         elapsed_before,
+        data_fingerprint: checkpoint::data_fingerprint(&p.train),
     };
     let training = SupervisedTraining::new(p.out.join("logs"), train_loader, valid_loader)
         .metrics((

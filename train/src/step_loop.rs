@@ -68,6 +68,7 @@ pub struct StepLoop {
     pub outcome: Arc<Mutex<Option<Outcome>>>,
     pub started: Instant,
     pub elapsed_before: f64,
+    pub data_fingerprint: u64,
 }
 
 struct Ctx<'a, AB>
@@ -319,6 +320,7 @@ where
                 let state = CheckpointState {
                     step,
                     examples_seen: (step * c.sequences_per_step()) as u64,
+                    data_fingerprint: Some(self.data_fingerprint),
                     seed: c.seed,
                     max_steps: c.max_steps,
                     train_loss: stats.loss(),
