@@ -333,6 +333,9 @@ where
         .with_training_strategy(TrainingStrategy::Custom(Arc::new(step_loop)))
         // burn-train's application logger would replace our panic hook and log file handling.
         .with_application_logger(None);
+    // GPU memory and utilisation (NVML) where the build has CUDA.
+    #[cfg(feature = "gpu-metrics")]
+    let training = training.metric_train(burn::train::metric::CudaMetric::new());
     let training = if p.dashboard {
         let tui = burn::train::renderer::tui::TuiMetricsRendererWrapper::new(
             training.interrupter(),
