@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
-use burn::tensor::{Distribution, Tensor, backend::Backend};
+use burn::tensor::{Distribution, FloatDType, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::frozen::FrozenLinear;
@@ -122,6 +122,9 @@ pub fn pattern_matches(key: &str, path: &str) -> bool {
     }
 }
 
+/// The adapter's weights are kept in f32 whatever the model's compute dtype (as PEFT upcasts
+/// them): Adam updates of a bf16/f16 weight would be rounded away. They are cast to the input's
+/// dtype for the matmuls.
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
     /// `[in, r]`
@@ -145,12 +148,11 @@ impl<B: Backend> Lora<B> {
     ) -> Self {
         let bound = 1.0 / (d_in as f64).sqrt();
         Self {
-            a: Param::from_tensor(Tensor::random(
-                [d_in, r],
-                Distribution::Uniform(-bound, bound),
-                device,
-            )),
-            b: Param::from_tensor(Tensor::zeros([r, d_out], device)),
+            a: Param::from_tensor(
+                Tensor::<B, 2>::random([d_in, r], Distribution::Uniform(-bound, bound), device)
+                    .cast(FloatDType::F32),
+            ),
+            b: Param::from_tensor(Tensor::<B, 2>::zeros([r, d_out], device).cast(FloatDType::F32)),
             scaling,
             dropout: DropoutConfig::new(dropout).init(),
         }
@@ -158,8 +160,8 @@ impl<B: Backend> Lora<B> {
 
     pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scaling: f64, dropout: f64) -> Self {
         Self {
-            a: Param::from_tensor(a),
-            b: Param::from_tensor(b),
+            a: Param::from_tensor(a.cast(FloatDType::F32)),
+            b: Param::from_tensor(b.cast(FloatDType::F32)),
             scaling,
             dropout: DropoutConfig::new(dropout).init(),
         }
@@ -170,8 +172,9 @@ impl<B: Backend> Lora<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = linear(self.dropout.forward(x), self.a.val(), None);
-        linear(h, self.b.val(), None).mul_scalar(self.scaling)
+        let dtype = x.dtype();
+        let h = linear(self.dropout.forward(x), self.a.val().cast(dtype), None);
+        linear(h, self.b.val().cast(dtype), None).mul_scalar(self.scaling)
     }
 }
 
