@@ -289,4 +289,25 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up run); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Measure training instead of generation: the QLoRA setup (LoRA r=4 on q/k/v/dense over
+    /// the --quant base, AdamW), one micro-batch of random tokens per step.
+    #[arg(long)]
+    pub train: bool,
+    /// Training: sequences per step.
+    #[arg(long, default_value_t = 2)]
+    pub micro_batch: usize,
+    /// Training: tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Training: timed steps (after --warmup-steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Training: base weights (nf4 = QLoRA).
+    #[arg(long, value_enum, default_value_t = Quant::Nf4)]
+    pub quant: Quant,
+    /// Training: recompute activations in backward.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub grad_checkpointing: bool,
 }

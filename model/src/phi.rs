@@ -289,6 +289,15 @@ impl<B: Backend> Phi<B> {
 
     /// Builds a model with random weights (for benchmarks and tests that need no checkpoint).
     pub fn random(config: &PhiConfig, device: &B::Device) -> Self {
+        Self::random_with(config, device, None)
+    }
+
+    /// [`random`](Self::random), with the decoder Linear weights quantized as by `load_with`.
+    pub fn random_with(
+        config: &PhiConfig,
+        device: &B::Device,
+        quant: Option<Quantization>,
+    ) -> Self {
         let init = |shape: Vec<usize>, std: f64| -> TensorData {
             let n: usize = shape.iter().product();
             let dist = burn::tensor::Distribution::Normal(0.0, std);
@@ -298,7 +307,7 @@ impl<B: Backend> Phi<B> {
                 shape,
             )
         };
-        Self::build(config, device, None, &mut |name, shape| {
+        Self::build(config, device, quant, &mut |name, shape| {
             Ok(if name.ends_with("layernorm.weight") {
                 TensorData::new(vec![1.0f32; shape.iter().product()], shape.to_vec())
             } else if name.ends_with(".bias") {

@@ -37,6 +37,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|m| Checkpoint::open(std::path::Path::new(m)))
         .transpose()?;
     let (device, dtype) = args.device.resolve();
+    if args.train {
+        if args.micro_batch == 0 || args.seq_len < 2 || args.steps == 0 {
+            bail!("--micro-batch and --steps must be positive and --seq-len at least 2");
+        }
+        let r = dispatch(
+            device,
+            dtype,
+            super::bench_train::TrainBench {
+                args: &args,
+                config,
+            },
+        )?;
+        println!(
+            "{}",
+            json!({
+                "impl": "phitune",
+                "mode": "train",
+                "device": device.to_string(),
+                "dtype": format!("{dtype:?}").to_lowercase(),
+                "threads": rayon_threads(),
+                "quant": format!("{:?}", args.quant).to_lowercase(),
+                "micro_batch": args.micro_batch,
+                "seq_len": args.seq_len,
+                "grad_checkpointing": args.grad_checkpointing,
+                "report": r,
+            })
+        );
+        return Ok(());
+    }
     let report = dispatch(
         device,
         dtype,

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench;
+mod bench_train;
 mod data;
 mod eval;
 mod generate;
