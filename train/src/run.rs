@@ -320,6 +320,7 @@ where
         started,
         elapsed_before,
         data_fingerprint: checkpoint::data_fingerprint(&p.train),
+        evaluates: !p.valid.is_empty(),
     };
     let training = SupervisedTraining::new(p.out.join("logs"), train_loader, valid_loader)
         .metrics((

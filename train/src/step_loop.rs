@@ -69,6 +69,8 @@ pub struct StepLoop {
     pub started: Instant,
     pub elapsed_before: f64,
     pub data_fingerprint: u64,
+    /// There are held-out examples to evaluate on.
+    pub evaluates: bool,
 }
 
 struct Ctx<'a, AB>
@@ -153,6 +155,13 @@ impl StepLoop {
         completion.wait()?;
         written?;
         checkpoint::commit(&self.out, state, self.config.keep_checkpoints)
+    }
+
+    fn append_log(&self, record: Record) -> anyhow::Result<()> {
+        self.log
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the metrics log is unusable"))?
+            .append(record)
     }
 
     fn finish(
@@ -276,12 +285,7 @@ where
             if self.plain {
                 eprintln!("{}", progress_line(&record, c.max_steps));
             }
-            if let Err(e) = self
-                .log
-                .lock()
-                .map_err(|_| anyhow::anyhow!("metrics log"))
-                .and_then(|mut l| l.append(record))
-            {
+            if let Err(e) = self.append_log(record) {
                 break Stop::Failed(format!("{e:#}"));
             }
 
@@ -293,7 +297,7 @@ where
             }
             // Skipped when interrupted (the user wants out now); a planned stop evaluates as the
             // uninterrupted run would, so the two logs stay identical.
-            if interval_end && !interrupter.should_stop() {
+            if interval_end && self.evaluates && !interrupter.should_stop() {
                 let v = self.evaluate(&learner, &mut ctx, interval, intervals);
                 let record = Record::from_stats("valid", step, &v, self.elapsed());
                 if self.plain {
@@ -306,12 +310,7 @@ where
                         v.sequences
                     );
                 }
-                if let Err(e) = self
-                    .log
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("metrics log"))
-                    .and_then(|mut l| l.append(record))
-                {
+                if let Err(e) = self.append_log(record) {
                     break Stop::Failed(format!("{e:#}"));
                 }
                 last_valid = Some(v);
