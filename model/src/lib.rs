@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod frozen;
+pub mod fused;
 pub mod generate;
 pub mod hub;
 pub mod lora;

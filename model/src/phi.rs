@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::activation::{gelu, gelu_approximate, log_softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
 use crate::adapter::{Adapter, LoraWeights, module_path};
@@ -15,6 +15,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, PhiConfig};
 use crate::error::{Error, Result};
 use crate::frozen::{FrozenLinear, FrozenWeight, Nf4Weight};
+use crate::fused::cross_entropy;
 use crate::lora::{Lora, LoraConfig, LoraLinear};
 use crate::nf4::{Nf4Backend, Nf4Host};
 use crate::norm::LayerNorm;
@@ -32,7 +33,7 @@ impl<B: Nf4Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.fc1.forward(x);
         let h = match self.act {
-            Activation::GeluTanh => gelu_approximate(h),
+            Activation::GeluTanh => crate::fused::gelu_tanh(h),
             Activation::Gelu => gelu(h),
         };
         self.fc2.forward(h)
@@ -121,20 +122,13 @@ impl<B: Nf4Backend> Phi<B> {
             return Vec::new();
         }
         let ids = ids_tensor::<B>(tokens, device);
-        let logits = self.forward(ids);
-        let n = tokens.len() - 1;
-        let logp = log_softmax(logits.cast(FloatDType::F32).narrow(1, 0, n), 2);
-        let targets = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(
-                tokens[1..].iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                [n],
-            ),
-            device,
-        )
-        .reshape([1, n, 1]);
-        let picked = logp.gather(2, targets).reshape([n]);
-        picked
-            .neg()
+        let logits = self.forward(ids).cast(FloatDType::F32);
+        let [_, s, vocab] = logits.dims();
+        // Position i predicts token i + 1; the last position predicts nothing.
+        let targets: Vec<i64> = tokens[1..].iter().map(|&t| t as i64).chain([-1]).collect();
+        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [s]), device);
+        let (nll, _) = cross_entropy(logits.reshape([s, vocab]), targets);
+        nll.narrow(0, 0, s - 1)
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()

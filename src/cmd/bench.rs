@@ -75,22 +75,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             checkpoint,
         },
     )?;
-    println!(
-        "{}",
-        json!({
-            "impl": "phitune",
-            "device": device.to_string(),
-            "dtype": format!("{dtype:?}").to_lowercase(),
-            "threads": rayon_threads(),
-            "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens,
-            "prefill_tokens_per_s": report.prefill_tps,
-            "decode_tokens_per_s": report.decode_tps,
-        "generate_tokens_per_s": report.generate_tps,
-            "times_s": report.times,
-        })
-    );
+    let mut out = json!({
+        "impl": "phitune",
+        "device": device.to_string(),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "threads": rayon_threads(),
+    });
+    merge(&mut out, serde_json::to_value(report)?);
+    println!("{out}");
     Ok(())
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(a), serde_json::Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
 }
 
 fn rayon_threads() -> usize {
@@ -110,63 +109,86 @@ struct Bench<'a> {
     checkpoint: Option<Checkpoint>,
 }
 
-struct Report {
-    prefill_tps: f64,
-    decode_tps: f64,
-    /// new tokens / whole generate call (prefill included), as HF's benchmark reports it.
-    generate_tps: f64,
-    times: Vec<f64>,
+/// Greedy generation speed with the KV cache.
+#[derive(Debug, serde::Serialize)]
+pub struct GenReport {
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    /// New tokens after the first / the time after the first (the per-token decode steps).
+    pub decode_tokens_per_s: f64,
+    /// New tokens / the whole call (prefill included), as HF's benchmark reports it.
+    pub generate_tokens_per_s: f64,
+    pub times_s: Vec<f64>,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
+/// Times `repeats` greedy generations (after one warm-up) of `new_tokens` from a fixed
+/// pseudo-random prompt of `prompt_len` tokens (no tokenizer needed).
+pub fn measure_generation<B: Nf4Backend>(
+    model: &Phi<B>,
+    prompt_len: usize,
+    new_tokens: usize,
+    repeats: usize,
+    device: &B::Device,
+) -> GenReport {
+    let vocab = model.vocab_size() as u32;
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let config = GenerationConfig {
+        max_new_tokens: new_tokens,
+        sampling: Default::default(),
+        stop_tokens: vec![],
+    };
+    let run = || {
+        let t = Instant::now();
+        let mut first = None;
+        let out = generate(model, &prompt, &config, device, |_| {
+            first.get_or_insert_with(|| t.elapsed().as_secs_f64());
+            true
+        });
+        assert_eq!(out.len(), new_tokens);
+        (first.unwrap(), t.elapsed().as_secs_f64())
+    };
+    run(); // warm-up
+    let (mut prefill, mut decode, mut times) = (vec![], vec![], vec![]);
+    for _ in 0..repeats {
+        let (first, total) = run();
+        prefill.push(first);
+        times.push(total);
+        decode.push(total - first);
+    }
+    GenReport {
+        prompt_len,
+        new_tokens,
+        prefill_tokens_per_s: prompt_len as f64 / median(&prefill),
+        // The first new token comes out of the prefill pass; the rest are decode steps.
+        decode_tokens_per_s: (new_tokens - 1).max(1) as f64 / median(&decode),
+        generate_tokens_per_s: new_tokens as f64 / median(&times),
+        times_s: times,
+    }
+}
+
 impl Job for Bench<'_> {
-    type Output = Report;
-    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<Report> {
+    type Output = GenReport;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<GenReport> {
         let model: Phi<B> = match &self.checkpoint {
             Some(c) => Phi::load(c, &device)?,
             None => Phi::random(&self.config, &device),
         };
-        let vocab = model.vocab_size() as u32;
-        // A fixed pseudo-random prompt (no tokenizer needed).
-        let prompt: Vec<u32> = (0..self.args.prompt_len as u32)
-            .map(|i| (i * 7919 + 13) % vocab)
-            .collect();
-        let config = GenerationConfig {
-            max_new_tokens: self.args.new_tokens,
-            sampling: Default::default(),
-            stop_tokens: vec![],
-        };
-        let run = || {
-            let t = Instant::now();
-            let mut first = None;
-            let out = generate(&model, &prompt, &config, &device, |_| {
-                first.get_or_insert_with(|| t.elapsed().as_secs_f64());
-                true
-            });
-            assert_eq!(out.len(), self.args.new_tokens);
-            (first.unwrap(), t.elapsed().as_secs_f64())
-        };
-        run(); // warm-up
-        let mut prefill = Vec::new();
-        let mut decode = Vec::new();
-        let mut times = Vec::new();
-        for _ in 0..self.args.repeats {
-            let (first, total) = run();
-            prefill.push(first);
-            times.push(total);
-            decode.push(total - first);
-        }
-        Ok(Report {
-            prefill_tps: self.args.prompt_len as f64 / median(&prefill),
-            // The first new token comes out of the prefill pass; the rest are decode steps.
-            decode_tps: (self.args.new_tokens - 1).max(1) as f64 / median(&decode),
-            generate_tps: self.args.new_tokens as f64 / median(&times),
-            times,
-        })
+        let a = self.args;
+        Ok(measure_generation(
+            &model,
+            a.prompt_len,
+            a.new_tokens,
+            a.repeats,
+            &device,
+        ))
     }
 }

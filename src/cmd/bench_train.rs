@@ -2,7 +2,8 @@
 //! random weights: LoRA r=4 (alpha 16, dropout 0.05) on q/k/v/dense over an NF4 (or float)
 //! base, AdamW, one micro-batch of random tokens per optimizer step, the loss on every token.
 //! Reports steady-state tokens/s (after warm-up steps), the median time of each phase (forward
-//! including the loss, backward, optimizer) and peak memory, as one JSON object.
+//! including the loss, backward, optimizer) and peak memory, then greedy generation speed from
+//! the trained model (KV cache on), as one JSON object.
 
 use std::time::Instant;
 
@@ -35,6 +36,8 @@ pub struct TrainReport {
     /// Peak resident memory of the process (CPU backends), GiB.
     pub peak_rss_gib: Option<f64>,
     pub step_times_s: Vec<f64>,
+    /// Greedy generation with the KV cache from the trained model (NF4 base + LoRA).
+    pub generation: GenReport,
 }
 
 pub struct TrainBench<'a> {
@@ -53,11 +56,7 @@ impl Job for TrainBench<'_> {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use super::bench::{GenReport, measure_generation, median};
 
 fn run_on<AB>(args: &BenchArgs, config: &PhiConfig, device: AB::Device) -> Result<TrainReport>
 where
@@ -121,6 +120,15 @@ where
         }
     }
     let total: f64 = steps.iter().sum();
+    let peak_rss_gib = peak_rss_gib();
+    let a = args;
+    let generation = measure_generation(
+        &burn::module::AutodiffModule::valid(&model.phi),
+        a.prompt_len,
+        a.new_tokens,
+        a.repeats,
+        &device,
+    );
     Ok(TrainReport {
         tokens_per_s: (args.steps * b * s) as f64 / total,
         step_s: median(&steps),
@@ -130,8 +138,9 @@ where
         trainable_params: trainable,
         loss_first: first,
         loss_last: last,
-        peak_rss_gib: peak_rss_gib(),
+        peak_rss_gib,
         step_times_s: steps,
+        generation,
     })
 }
 

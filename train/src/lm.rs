@@ -4,13 +4,13 @@
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use phitune_data::batch::collate;
 use phitune_data::prompt::{Example, IGNORE};
 use phitune_model::Phi;
+use phitune_model::fused::cross_entropy;
 use phitune_model::nf4::Nf4Backend;
 
 /// Phi with the training objective. `loss_scale` multiplies the loss before `backward` (1 /
@@ -124,25 +124,27 @@ impl<B: Nf4Backend> CausalLm<B> {
     /// Mean loss over the batch's target tokens (a `[1]` tensor) and the batch's statistics.
     pub fn objective(&self, batch: &LmBatch<B>) -> (Tensor<B, 1>, LmStats) {
         let [b, s] = batch.input_ids.dims();
-        let logits = self.phi.forward(batch.input_ids.clone());
-        let n = s.saturating_sub(1).max(1);
-        let logits = logits.narrow(1, 0, n).cast(FloatDType::F32);
+        let device = batch.labels.device();
+        let logits = self
+            .phi
+            .forward(batch.input_ids.clone())
+            .cast(FloatDType::F32);
+        let vocab = logits.dims()[2];
+        // Position i predicts label i + 1; the last position of each sequence predicts nothing.
+        let none = Tensor::full([b, 1], IGNORE, &device);
         let targets = if s > 1 {
-            batch.labels.clone().narrow(1, 1, n)
+            Tensor::cat(vec![batch.labels.clone().narrow(1, 1, s - 1), none], 1)
         } else {
-            Tensor::full([b, 1], IGNORE, &batch.labels.device())
-        };
-        let mask = targets.clone().greater_equal_elem(0);
-        let safe = targets.clone().clamp_min(0);
-        let predicted = logits.clone().argmax(2).reshape([b, n]);
+            none
+        }
+        .reshape([b * s]);
+        let (nll, predicted) = cross_entropy(logits.reshape([b * s, vocab]), targets.clone());
         let correct = predicted
-            .equal(safe.clone())
-            .bool_and(mask.clone())
+            .equal(targets.clone())
+            .bool_and(targets.greater_equal_elem(0))
             .int()
             .sum();
-        let logp = log_softmax(logits, 2);
-        let picked = logp.gather(2, safe.reshape([b, n, 1])).reshape([b, n]);
-        let nll_sum = picked.mask_fill(mask.bool_not(), 0.0).sum().neg();
+        let nll_sum = nll.sum();
         let loss = nll_sum.clone() / (batch.targets.max(1) as f64);
         let host = Tensor::cat(
             vec![nll_sum.detach(), correct.float().cast(FloatDType::F32)],

@@ -16,7 +16,7 @@ mod cube;
 pub mod format;
 #[cfg(feature = "cube")]
 mod fusion;
-mod ndarray;
+pub(crate) mod ndarray;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Shape, Tensor, TensorPrimitive, backend::Backend};
@@ -26,7 +26,7 @@ pub use format::{Absmax, BLOCK, NF4_CODE, Nf4Host};
 /// Frozen-weight linear algebra. `w` is always `[out, in]`; the NF4 form is 8 codes per
 /// 32-bit int element (element i in bits `4*(i%8)` of element `i/8`) plus one f32 absmax per
 /// 64 consecutive values of the row-major weight.
-pub trait Nf4Backend: Backend {
+pub trait Nf4Backend: crate::fused::FusedOps {
     /// `dequant(W)`, `[out, in]`.
     fn nf4_dequantize(
         packed: IntTensor<Self>,

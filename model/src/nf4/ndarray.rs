@@ -16,7 +16,7 @@ use super::{BLOCK, NF4_CODE, Nf4Backend};
 const TILE_ROWS: usize = 256;
 
 /// Row-major f32 values of a tensor (a view when already contiguous f32).
-fn f32s(t: &NdArrayTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+pub(crate) fn f32s(t: &NdArrayTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     match t {
         NdArrayTensor::F32(s) => {
             let v = s.view();
@@ -102,7 +102,7 @@ fn sgemm(
     }
 }
 
-fn output(values: Vec<f32>, shape: [usize; 2]) -> NdArrayTensor {
+pub(crate) fn output(values: Vec<f32>, shape: [usize; 2]) -> NdArrayTensor {
     let arr: SharedArray<f32> = ndarray::Array::from_shape_vec(ndarray::IxDyn(&shape), values)
         .expect("shape matches")
         .into_shared();
