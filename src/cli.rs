@@ -31,6 +31,9 @@ pub enum Command {
     Train(TrainArgs),
     /// Held-out loss/perplexity, and with --generate greedy replies scored by unigram F1.
     Eval(EvalArgs),
+    /// Talk to the persona: type the other speaker's turns, the model answers in character.
+    /// Reads one turn per line from stdin (a terminal or a pipe); /reset, /persona, /quit.
+    Chat(ChatArgs),
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +87,10 @@ pub struct EvalArgs {
     /// Generate greedy replies for the first N held-out rows and score them (unigram F1).
     #[arg(long, default_value_t = 0)]
     pub generate: usize,
+    /// With --adapter and --generate: also generate the base model's replies for the same rows
+    /// and print them next to the adapter's and the reference (stderr; both in the JSONL).
+    #[arg(long, requires = "adapter")]
+    pub compare_base: bool,
     /// New tokens per reply.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -198,14 +205,75 @@ pub struct SamplingArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt to continue.
-    #[arg(long)]
-    pub prompt: String,
+    /// A raw prompt to continue (instead of --persona/--dialogue/--row).
+    #[arg(long, conflicts_with_all = ["persona", "persona_file", "row", "dialogue"])]
+    pub prompt: Option<String>,
+    #[command(flatten)]
+    pub persona: PersonaArgs,
+    /// A dialogue turn, oldest first (repeatable); the reply answers the last one.
+    #[arg(long, value_name = "TURN")]
+    pub dialogue: Vec<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Print one JSON object {"tokens": [...], "text": "..."} instead of streaming text.
+    /// Print one JSON object {"tokens": [...], "text": "...", "prompt": "..."} instead of
+    /// streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Who the model is, and the prompt format it was trained with.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PersonaArgs {
+    /// A persona fact, e.g. --persona "i love hiking." (repeatable).
+    #[arg(long = "persona", value_name = "FACT")]
+    pub persona: Vec<String>,
+    /// A file of persona facts, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub persona_file: Option<std::path::PathBuf>,
+    /// Persona (persona_b) and dialogue from a data file's row: FILE:INDEX (0-based).
+    #[arg(long, value_name = "FILE:INDEX")]
+    pub row: Option<String>,
+    /// Prompt template: persona or seed [default: the adapter's training run's, else persona].
+    #[arg(long)]
+    pub template: Option<phitune_data::Template>,
+    /// Token budget for prompt + reply; older turns are dropped to fit
+    /// [default: the adapter's training run's max_len, else 512].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub persona: PersonaArgs,
+    /// Maximum number of new tokens per reply.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens with probability >= P (1 = off).
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// HF's repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    pub repetition_penalty: f32,
+    /// Random seed: the same seed and input give the same session.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// One JSON object per turn on stdout (user, reply, prompt, token counts, timings) instead
+    /// of streamed text.
+    #[arg(long)]
+    pub json: bool,
+    /// Recompute the whole prompt every turn instead of reusing the KV cache's shared prefix
+    /// (for measuring what the reuse saves).
+    #[arg(long)]
+    pub no_cache_reuse: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -289,8 +357,8 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up run); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Measure training instead of generation: the QLoRA setup (LoRA r=4 on q/k/v/dense over
-    /// the --quant base, AdamW), one micro-batch of random tokens per step.
+    /// Measure training too: the QLoRA setup (LoRA r=4 on q/k/v/dense over the --quant base,
+    /// AdamW), one micro-batch of random tokens per step; then generation from the trained model.
     #[arg(long)]
     pub train: bool,
     /// Training: sequences per step.

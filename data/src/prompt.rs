@@ -104,17 +104,32 @@ impl Template {
         max_len: usize,
         reserve: usize,
     ) -> phitune_model::Result<Vec<u32>> {
+        Ok(self
+            .fitted_prompt(tok, persona, dialogue, max_len, reserve)?
+            .0)
+    }
+
+    /// [`Template::prompt_ids`] and the index of the first dialogue turn it kept (the turns
+    /// before it were dropped to fit).
+    pub fn fitted_prompt(
+        self,
+        tok: &PhiTokenizer,
+        persona: &[String],
+        dialogue: &[String],
+        max_len: usize,
+        reserve: usize,
+    ) -> phitune_model::Result<(Vec<u32>, usize)> {
         match self {
-            Template::Seed => tok.encode(&self.prompt_text(persona, dialogue)),
+            Template::Seed => Ok((tok.encode(&self.prompt_text(persona, dialogue))?, 0)),
             Template::Persona => {
                 let budget = max_len.saturating_sub(reserve);
                 for start in 0..dialogue.len() {
                     let ids = tok.encode(&self.prompt_text(persona, &dialogue[start..]))?;
                     if ids.len() <= budget || start + 1 == dialogue.len() {
-                        return Ok(ids);
+                        return Ok((ids, start));
                     }
                 }
-                tok.encode(&self.prompt_text(persona, &[]))
+                Ok((tok.encode(&self.prompt_text(persona, &[]))?, dialogue.len()))
             }
         }
     }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use phitune_model::nf4::Nf4Backend;
-use phitune_train::eval::{EvalData, EvalOptions, EvalSummary, HeldOut, evaluate, held_out};
+use phitune_train::eval::{
+    Baseline, EvalData, EvalOptions, EvalSummary, HeldOut, evaluate, held_out,
+};
 
 use super::ModelSource;
 use crate::backend::{Job, dispatch};
@@ -14,20 +16,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let run = args
-        .model
-        .adapter
-        .as_deref()
-        .and_then(phitune_train::eval::run_config_for_adapter);
-    // An adapter is evaluated on the base it was trained against (NF4 for QLoRA) unless asked.
-    let mut model_args = args.model.clone();
-    if let (None, Some(r)) = (model_args.quant.quant, &run) {
-        model_args.quant.quant = Some(match r.quant {
-            phitune_train::QuantMode::Nf4 => crate::cli::Quant::Nf4,
-            phitune_train::QuantMode::None => crate::cli::Quant::None,
-        });
-        model_args.quant.double_quant = r.double_quant;
-    }
+    let run = super::adapter_run(&args.model);
+    let model_args = super::with_run_quant(&args.model, run.as_ref());
     let source = ModelSource::open(&model_args)?;
     let spec = EvalData {
         data: args.data.clone(),
@@ -110,6 +100,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 }
                 .to_string(),
             ),
+            compare_base: args.compare_base,
         },
     )?;
     let line = serde_json::to_string(&summary)?;
@@ -129,12 +120,18 @@ struct Eval<'a> {
     opts: EvalOptions,
     generations: Option<PathBuf>,
     names: (String, Option<String>, String),
+    compare_base: bool,
 }
 
 impl Job for Eval<'_> {
     type Output = EvalSummary;
     fn run<B: Nf4Backend>(self, device: B::Device) -> Result<EvalSummary> {
         let model = self.source.load::<B>(&device)?;
+        let base = if self.compare_base && self.opts.generate > 0 {
+            Some(Baseline(self.source.load_base::<B>(&device)?))
+        } else {
+            None
+        };
         evaluate(
             model,
             &device,
@@ -144,6 +141,7 @@ impl Job for Eval<'_> {
             &self.opts,
             self.generations.as_deref(),
             self.names,
+            base,
         )
     }
 }

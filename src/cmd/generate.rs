@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::{Result, bail};
-use phitune_model::generate::{GenerationConfig, generate};
+use phitune_model::generate::{CachedContext, GenerationConfig, generate};
 use phitune_model::nf4::Nf4Backend;
 use phitune_model::sampling::SamplingConfig;
 use phitune_model::tokenizer::TextStream;
@@ -32,8 +32,13 @@ impl SamplingArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.prompt.is_none() {
+        return run_persona(args);
+    }
     let source = ModelSource::open(&args.model)?;
-    let prompt = source.tokenizer.encode(&args.prompt)?;
+    let prompt = source
+        .tokenizer
+        .encode(args.prompt.as_deref().unwrap_or_default())?;
     if prompt.is_empty() {
         bail!("--prompt is empty after tokenization");
     }
@@ -58,6 +63,91 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// `--persona ... --dialogue ...` (or `--row`): the reply of the persona to the last turn,
+/// rendered with the run's template, and only the reply is printed.
+fn run_persona(args: GenerateArgs) -> Result<()> {
+    if !args.persona.given() {
+        bail!(
+            "give --prompt TEXT, or a persona (--persona FACT, --persona-file FILE or --row FILE:INDEX) and --dialogue TURN"
+        );
+    }
+    let run = super::adapter_run(&args.model);
+    let mut p = args.persona.resolve(run.as_ref())?;
+    p.dialogue.extend(args.dialogue.iter().cloned());
+    if p.dialogue.is_empty() {
+        bail!("give the dialogue to answer: --dialogue TURN (repeatable, oldest first)");
+    }
+    let source = ModelSource::open(&super::with_run_quant(&args.model, run.as_ref()))?;
+    let config = args
+        .sampling
+        .to_config(source.tokenizer.eos_token_ids.clone())?;
+    let budget = super::chat::budget(&source, p.max_len);
+    let (ids, first_kept) = p.template.fitted_prompt(
+        &source.tokenizer,
+        &p.persona,
+        &p.dialogue,
+        budget,
+        config.max_new_tokens,
+    )?;
+    if first_kept > 0 {
+        eprintln!("(dropped the {first_kept} oldest turn(s) to fit {budget} tokens)");
+    }
+    let (device, dtype) = args.model.device.resolve();
+    let text = dispatch(
+        device,
+        dtype,
+        PersonaReply {
+            source: &source,
+            prompt: &ids,
+            config: &config,
+            stream: !args.json,
+        },
+    )?;
+    if args.json {
+        let prompt = p
+            .template
+            .prompt_text(&p.persona, &p.dialogue[first_kept..]);
+        println!(
+            "{}",
+            json!({ "text": text, "prompt": prompt, "template": p.template.to_string() })
+        );
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+struct PersonaReply<'a> {
+    source: &'a ModelSource,
+    prompt: &'a [u32],
+    config: &'a GenerationConfig,
+    stream: bool,
+}
+
+impl Job for PersonaReply<'_> {
+    type Output = String;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<String> {
+        let model = self.source.load::<B>(&device)?;
+        let mut context = CachedContext::new(&model);
+        let mut stdout = std::io::stdout().lock();
+        let (text, _) = super::chat::reply(
+            &model,
+            &mut context,
+            self.prompt,
+            self.config,
+            &self.source.tokenizer,
+            &device,
+            |piece| {
+                if self.stream {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+            },
+        )?;
+        Ok(text)
+    }
 }
 
 struct Generate<'a> {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_train;
+mod chat;
 mod data;
 mod eval;
 mod generate;
@@ -14,7 +15,7 @@ use phitune_model::adapter::Adapter;
 use phitune_model::nf4::Nf4Backend;
 use phitune_model::{Checkpoint, Phi, PhiTokenizer};
 
-use crate::cli::{Command, ModelArgs};
+use crate::cli::{Command, ModelArgs, PersonaArgs, Quant};
 
 pub fn run(command: Command) -> Result<()> {
     match command {
@@ -25,6 +26,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Chat(args) => chat::run(args),
     }
 }
 
@@ -55,6 +57,12 @@ impl ModelSource {
         })
     }
 
+    /// The base model alone (no adapter), with the same quantization.
+    pub fn load_base<B: Nf4Backend>(&self, device: &B::Device) -> Result<Phi<B>> {
+        Phi::load_with(&self.checkpoint, device, self.quant)
+            .with_context(|| format!("loading {}", self.checkpoint.dir().display()))
+    }
+
     pub fn load<B: Nf4Backend>(&self, device: &B::Device) -> Result<Phi<B>> {
         let model = Phi::load_with(&self.checkpoint, device, self.quant)
             .with_context(|| format!("loading {}", self.checkpoint.dir().display()))?;
@@ -62,5 +70,88 @@ impl ModelSource {
             Some(adapter) => Ok(model.with_adapter(adapter, device)?),
             None => Ok(model),
         }
+    }
+}
+
+/// The training run an adapter came from (its `config.toml`), if any.
+pub fn adapter_run(model: &ModelArgs) -> Option<phitune_train::TrainConfig> {
+    model
+        .adapter
+        .as_deref()
+        .and_then(phitune_train::eval::run_config_for_adapter)
+}
+
+/// `model` with the base quantization of `run` unless --quant was given: an adapter is used on
+/// the base it was trained against (NF4 for QLoRA).
+pub fn with_run_quant(model: &ModelArgs, run: Option<&phitune_train::TrainConfig>) -> ModelArgs {
+    let mut out = model.clone();
+    if let (None, Some(r)) = (out.quant.quant, run) {
+        out.quant.quant = Some(match r.quant {
+            phitune_train::QuantMode::Nf4 => Quant::Nf4,
+            phitune_train::QuantMode::None => Quant::None,
+        });
+        out.quant.double_quant = r.double_quant;
+    }
+    out
+}
+
+/// A persona, a dialogue so far, and the template and budget to render them with.
+pub struct PersonaPrompt {
+    pub persona: Vec<String>,
+    pub dialogue: Vec<String>,
+    pub template: phitune_data::Template,
+    pub max_len: usize,
+}
+
+impl PersonaArgs {
+    /// Whether any persona source was given.
+    pub fn given(&self) -> bool {
+        !self.persona.is_empty() || self.persona_file.is_some() || self.row.is_some()
+    }
+
+    /// Resolves the facts (flags, then the file, or a data row's persona and dialogue) and the
+    /// template/budget (flags, else the adapter's run, else persona/512).
+    pub fn resolve(&self, run: Option<&phitune_train::TrainConfig>) -> Result<PersonaPrompt> {
+        let mut persona = self.persona.clone();
+        let mut dialogue = Vec::new();
+        if let Some(path) = &self.persona_file {
+            let text = phitune_model::read_small_file(path, 1 << 20)?;
+            persona.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from),
+            );
+        }
+        if let Some(spec) = &self.row {
+            let (file, index) = spec
+                .rsplit_once(':')
+                .and_then(|(f, i)| Some((f, i.parse::<usize>().ok()?)))
+                .with_context(|| format!("--row {spec}: expected FILE:INDEX, e.g. data.jsonl:3"))?;
+            let loaded = phitune_data::load::load_path(
+                std::path::Path::new(file),
+                phitune_data::load::LoadOptions::default(),
+            )?;
+            let n = loaded.rows.len();
+            let row =
+                loaded.rows.into_iter().nth(index).with_context(|| {
+                    format!("--row {spec}: {file} has {n} rows (indices 0..{n})")
+                })?;
+            persona.extend(row.persona_b);
+            dialogue = row.dialogue;
+        }
+        let max_len = self.max_len.or(run.map(|r| r.max_len)).unwrap_or(512);
+        if max_len < 16 {
+            anyhow::bail!("--max-len {max_len} is too small for a prompt and a reply");
+        }
+        Ok(PersonaPrompt {
+            persona,
+            dialogue,
+            template: self
+                .template
+                .or(run.map(|r| r.template))
+                .unwrap_or(phitune_data::Template::Persona),
+            max_len,
+        })
     }
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::data::dataloader::batcher::Batcher;
+use burn::tensor::backend::Backend;
 use phitune_data::batch::ExampleDataset;
 use phitune_data::prompt::Example;
 use phitune_data::split::{Split, split_of};
@@ -44,6 +45,9 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
     pub repetition_penalty: f32,
 }
+
+/// The model without its adapter, to generate the same rows' replies with (`--compare-base`).
+pub struct Baseline<B: Backend>(pub Phi<B>);
 
 /// Held-out rows and their examples (same order; rows whose reference cannot fit are left out).
 pub struct HeldOut {
@@ -117,6 +121,9 @@ pub struct EvalSummary {
     pub generated: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub f1: Option<f64>,
+    /// The base model's F1 on the same rows (`--compare-base`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_f1: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generations: Option<PathBuf>,
     pub seconds: f64,
@@ -134,6 +141,7 @@ pub fn evaluate<B: Nf4Backend>(
     opts: &EvalOptions,
     generations: Option<&Path>,
     names: (String, Option<String>, String),
+    base: Option<Baseline<B>>,
 ) -> Result<EvalSummary> {
     let t = Instant::now();
     let batcher = LmBatcher {
@@ -170,6 +178,7 @@ pub fn evaluate<B: Nf4Backend>(
 
     let n = opts.generate.min(held.rows.len());
     let mut f1s = Vec::with_capacity(n);
+    let mut base_f1s = Vec::with_capacity(n);
     if n > 0 {
         let path = generations.context("no output file for the generations")?;
         let mut out = std::io::BufWriter::new(
@@ -191,12 +200,15 @@ pub fn evaluate<B: Nf4Backend>(
                 spec.max_len,
                 opts.max_new_tokens,
             )?;
-            let ids = generate(&model.phi, &prompt, &config, device, |_| true);
-            let reply_ids: Vec<u32> = ids.into_iter().filter(|&t| !tok.is_eos(t)).collect();
-            let reply = tok.decode(&reply_ids)?.trim().to_string();
+            let reply_of = |phi: &Phi<B>| -> Result<String> {
+                let ids = generate(phi, &prompt, &config, device, |_| true);
+                let ids: Vec<u32> = ids.into_iter().filter(|&t| !tok.is_eos(t)).collect();
+                Ok(tok.decode(&ids)?.trim().to_string())
+            };
+            let reply = reply_of(&model.phi)?;
             let f1 = crate::f1::unigram_f1(&reply, &row.reference);
             f1s.push(f1);
-            let line = json!({
+            let mut line = json!({
                 "conv_id": row.conv_id,
                 "persona": row.persona_b,
                 "last_turn": row.dialogue.last(),
@@ -204,6 +216,20 @@ pub fn evaluate<B: Nf4Backend>(
                 "reply": reply,
                 "f1": f1,
             });
+            if let Some(Baseline(base)) = &base {
+                let base_reply = reply_of(base)?;
+                let base_f1 = crate::f1::unigram_f1(&base_reply, &row.reference);
+                base_f1s.push(base_f1);
+                line["base_reply"] = json!(base_reply);
+                line["base_f1"] = json!(base_f1);
+                progress_done();
+                eprintln!(
+                    "[{i}] persona:   {}\n    them:      {}\n    reference: {}\n    base:      {base_reply}\n    adapter:   {reply}",
+                    row.persona_b.join(" "),
+                    row.dialogue.last().map(String::as_str).unwrap_or(""),
+                    row.reference
+                );
+            }
             writeln!(out, "{line}").with_context(|| format!("writing {}", path.display()))?;
             if (i + 1) % 10 == 0 || i + 1 == n || is_tty() {
                 progress(&format!(
@@ -229,6 +255,7 @@ pub fn evaluate<B: Nf4Backend>(
         target_tokens: sum.targets,
         generated: n,
         f1: (n > 0).then(|| f1s.iter().sum::<f64>() / n as f64),
+        base_f1: (!base_f1s.is_empty()).then(|| base_f1s.iter().sum::<f64>() / n as f64),
         generations: (n > 0)
             .then(|| generations.map(Path::to_path_buf))
             .flatten(),
