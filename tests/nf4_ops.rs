@@ -15,10 +15,17 @@ type A = Autodiff<B>;
 #[test]
 fn fused_nf4_matches_dense_on_ndarray() {
     // Shapes include a tile boundary (256 rows), a row count not a multiple of anything,
-    // widths that are not multiples of 64 (blocks straddle rows), and a single-row input.
+    // widths that are not multiples of 64 (blocks straddle rows), a single-row input, and
+    // 1-4 rows with whole blocks per row (the decoding path).
     check_fused::<A>(
         &Default::default(),
-        &[(3, 300, 128), (1, 64, 96), (17, 40, 200), (2, 513, 64)],
+        &[
+            (3, 300, 128),
+            (1, 64, 96),
+            (17, 40, 200),
+            (2, 513, 64),
+            (4, 70, 192),
+        ],
     );
 }
 

@@ -64,6 +64,54 @@ fn dequant_rows(words: &Words, absmax: &[f32], k: usize, r0: usize, buf: &mut [f
     });
 }
 
+/// Up to this many input rows (decoding) take the matrix-vector path.
+const GEMV_ROWS: usize = 4;
+
+/// `x [m, k] @ dequant(W)^T` for a few rows, decoding the codes on the fly (nothing dense is
+/// written; each weight is read once as 4 bits). Each 64-value block is summed against the
+/// code table and scaled by its absmax once. Needs `k % 64 == 0` (blocks within rows).
+fn nf4_gemv(xs: &[f32], words: &Words, absmax: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out_t = vec![0f32; n * m]; // [n, m]: rows of W in parallel
+    out_t
+        .par_chunks_mut(m * 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (r, o) in chunk.chunks_mut(m).enumerate() {
+                let j = c * 16 + r;
+                for b in 0..k / BLOCK {
+                    let base = j * k + b * BLOCK;
+                    let scale = absmax[base / BLOCK];
+                    let mut acc = [0f32; GEMV_ROWS];
+                    for w in 0..BLOCK / 8 {
+                        let word = words.get(base / 8 + w);
+                        let kk = b * BLOCK + w * 8;
+                        let mut v = [0f32; 8];
+                        for (t, v) in v.iter_mut().enumerate() {
+                            *v = NF4_CODE[((word >> (4 * t)) & 0xF) as usize];
+                        }
+                        for (i, a) in acc.iter_mut().enumerate().take(m) {
+                            let x = &xs[i * k + kk..i * k + kk + 8];
+                            for t in 0..8 {
+                                *a += x[t] * v[t];
+                            }
+                        }
+                    }
+                    for i in 0..m {
+                        o[i] += acc[i] * scale;
+                    }
+                }
+            }
+        });
+    // [n, m] -> [m, n]
+    let mut out = vec![0f32; m * n];
+    for (j, row) in out_t.chunks(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
 /// `c[m, n] (+)= a[m, k] @ b` where `b` is addressed with strides (rsb, csb).
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
@@ -138,6 +186,9 @@ where
             return Self::frozen_matmul(x, w);
         };
         let m = xs.len() / k;
+        if m <= GEMV_ROWS && k % BLOCK == 0 {
+            return output(nf4_gemv(&xs, &words, &am, m, n, k), [m, n]);
+        }
         let mut out = vec![0f32; m * n];
         let mut buf = vec![0f32; TILE_ROWS.min(n) * k];
         for r0 in (0..n).step_by(TILE_ROWS) {
