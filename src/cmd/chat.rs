@@ -60,7 +60,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
 
 /// Generates one reply to the prompt `ids`, continuing `context`: streamed to `on_text` piece
 /// by piece, ending at eos, at a newline (the model starting another turn) or at the token
-/// limit. Returns the reply text, trimmed.
+/// limit. Returns the reply text (trimmed), the number of new tokens and the seconds to the
+/// first one (prompt processing included).
 pub fn reply<B: Nf4Backend>(
     model: &Phi<B>,
     context: &mut CachedContext<B>,
@@ -69,11 +70,14 @@ pub fn reply<B: Nf4Backend>(
     tok: &PhiTokenizer,
     device: &B::Device,
     mut on_text: impl FnMut(&str),
-) -> Result<(String, usize)> {
+) -> Result<(String, usize, f64)> {
+    let t = Instant::now();
+    let mut first = None;
     let mut text = TextStream::new();
     let mut reply = String::new();
     let mut failed = None;
     let new = generate_cached(model, context, ids, config, device, |id| {
+        first.get_or_insert_with(|| t.elapsed().as_secs_f64());
         if tok.is_eos(id) {
             return false;
         }
@@ -104,7 +108,8 @@ pub fn reply<B: Nf4Backend>(
     if let Some(e) = failed {
         return Err(e.into());
     }
-    Ok((reply.trim_end().to_string(), new.len()))
+    let first = first.unwrap_or_else(|| t.elapsed().as_secs_f64());
+    Ok((reply.trim_end().to_string(), new.len(), first))
 }
 
 /// The prompt budget: the run's length, within the model's positions.
@@ -128,7 +133,6 @@ impl Job for Chat<'_> {
     fn run<B: Nf4Backend>(self, device: B::Device) -> Result<()> {
         let tok = &self.source.tokenizer;
         let interactive = std::io::stdin().is_terminal();
-        let t = Instant::now();
         let model = self.source.load::<B>(&device)?;
         let PersonaPrompt {
             mut persona,
@@ -137,10 +141,7 @@ impl Job for Chat<'_> {
             max_len,
         } = self.prompt;
         let budget = budget(self.source, max_len);
-        eprintln!(
-            "chat: model loaded in {:.1}s; {template} template, {budget}-token budget. {HELP}",
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("chat: {template} template, {budget}-token budget. {HELP}");
         if interactive {
             eprintln!("persona: {}", persona.join(" "));
         }
@@ -205,13 +206,11 @@ impl Job for Chat<'_> {
             let mut config = self.config.clone();
             config.sampling.seed = config.sampling.seed.wrapping_add(turn as u64);
             let t = Instant::now();
-            let mut first_token = None;
             if interactive {
                 eprint!("bot> ");
             }
-            let (text, new_tokens) =
+            let (text, new_tokens, first_token) =
                 reply(&model, &mut context, &ids, &config, tok, &device, |piece| {
-                    first_token.get_or_insert_with(|| t.elapsed().as_secs_f64());
                     if !self.json {
                         let _ = stdout.write_all(piece.as_bytes());
                         let _ = stdout.flush();

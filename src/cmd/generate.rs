@@ -132,7 +132,7 @@ impl Job for PersonaReply<'_> {
         let model = self.source.load::<B>(&device)?;
         let mut context = CachedContext::new(&model);
         let mut stdout = std::io::stdout().lock();
-        let (text, _) = super::chat::reply(
+        let (text, _, _) = super::chat::reply(
             &model,
             &mut context,
             self.prompt,
