@@ -337,6 +337,7 @@ where
     // GPU memory and utilisation (NVML) where the build has CUDA.
     #[cfg(feature = "gpu-metrics")]
     let training = training.metric_train(burn::train::metric::CudaMetric::new());
+    let interrupter = training.interrupter();
     let training = if p.dashboard {
         let tui = burn::train::renderer::tui::TuiMetricsRendererWrapper::new(
             training.interrupter(),
@@ -360,7 +361,13 @@ where
             "float base"
         }
     );
+    #[cfg(unix)]
+    let signals = stop_on_signals(interrupter);
     let result = training.launch(learner);
+    #[cfg(unix)]
+    if let Some(handle) = signals {
+        handle.close();
+    }
     let outcome = outcome
         .lock()
         .ok()
@@ -434,6 +441,32 @@ where
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM while training: the first asks the step loop to finish the current
+/// optimizer step, write a checkpoint and stop (the run then ends as "interrupted" and can be
+/// resumed); a second one quits at once with status 130, which corrupts nothing because every
+/// checkpoint is written to a staging directory and renamed into place.
+#[cfg(unix)]
+fn stop_on_signals(interrupter: burn::train::Interrupter) -> Option<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).ok()?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for (n, sig) in signals.forever().enumerate() {
+            let name = if sig == SIGINT { "Ctrl-C" } else { "SIGTERM" };
+            if n == 0 {
+                eprintln!(
+                    "\n{name}: finishing the current step and writing a checkpoint ({name} again quits at once)"
+                );
+                interrupter.stop(Some(name));
+            } else {
+                eprintln!("{name}: quitting now; continue from the last checkpoint with --resume");
+                std::process::exit(130);
+            }
+        }
+    });
+    Some(handle)
 }
 
 /// `curves.svg`: loss (train and held-out), perplexity, learning rate per optimizer step.
