@@ -47,6 +47,9 @@ pub struct TrainArgs {
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in --out even if it holds one (the old run is deleted first).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Stop (with a checkpoint) after this optimizer step, without changing the schedule;
     /// continue later with --resume.
     #[arg(long, value_name = "STEP")]
@@ -325,6 +328,10 @@ pub struct MergeArgs {
     /// Output directory (must not exist, or be empty).
     #[arg(long)]
     pub out: std::path::PathBuf,
+    /// Replace --out if it exists and is not empty (the old directory is removed only once the
+    /// new checkpoint is complete).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Shard the weights into files of at most this many MB (HF's default is 5000).
     #[arg(long, default_value_t = 5000)]
     pub max_shard_mb: u64,

@@ -246,11 +246,42 @@ fn merge_refuses_to_overwrite_and_bad_adapters() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    common::assert_one_line_error(&o, "not an empty directory");
+    common::assert_one_line_error(&o, "pass --overwrite to replace it");
     assert_eq!(
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "user data"
     );
+    // A file is never replaced, even with --overwrite.
+    let file = out.join("keep.txt");
+    let o = common::phitune(&[
+        "merge", "--model", &tiny, "--adapter", &adapter, "--out", file.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    common::assert_one_line_error(&o, "is not a directory");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "user data");
+    // A failed merge (a broken adapter) with --overwrite leaves the old directory alone.
+    let broken = common::scratch("merge-broken-adapter");
+    std::fs::write(broken.join("adapter_config.json"), "{").unwrap();
+    let o = common::phitune(&[
+        "merge", "--model", &tiny, "--adapter", broken.to_str().unwrap(), "--out",
+        out.to_str().unwrap(), "--overwrite",
+    ]);
+    assert!(!o.status.success());
+    assert!(out.join("keep.txt").is_file());
+    // With --overwrite the directory is replaced by the merged checkpoint.
+    let o = common::phitune(&[
+        "merge", "--model", &tiny, "--adapter", &adapter, "--out", out.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(!out.join("keep.txt").exists());
+    assert!(Checkpoint::open(&out).is_ok());
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".merge-nonempty"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // An adapter for another model (tiny-phi-alt has other dimensions).
     let alt = common::fixtures()

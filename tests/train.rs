@@ -220,9 +220,13 @@ fn fine_tune_lowers_held_out_loss_and_leaves_a_usable_adapter() {
     assert_eq!(lines.lines().count(), 3);
     assert!(out.join("eval/summary.json").is_file());
 
-    // The output directory is never reused by accident.
+    // The output directory is never reused by accident; --overwrite replaces the run.
     let o = run(&args);
     assert_one_line_error(&o, "is not empty");
+    let o = run(&with(set(args.clone(), "--max-steps", "2"), &["--overwrite"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(train_losses(&out).last().unwrap().0, 2);
+    assert!(!out.join("eval").exists(), "the old run's files are gone");
 }
 
 #[test]

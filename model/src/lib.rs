@@ -94,18 +94,24 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Checks that `out` is absent or an empty directory and creates a sibling temporary directory
-/// to write into; [`finish_output_dir`] renames it into place. Nothing the user had is touched.
-pub fn prepare_output_dir(out: &Path) -> Result<std::path::PathBuf> {
-    if out.exists() {
-        let empty = out.is_dir()
-            && std::fs::read_dir(out)
-                .map_err(|e| Error::io(out, e))?
-                .next()
-                .is_none();
-        if !empty {
+/// Checks that `out` is absent or an empty directory (or, with `overwrite`, any directory) and
+/// creates a sibling temporary directory to write into; [`finish_output_dir`] renames it into
+/// place. Nothing the user had is touched until the new output is complete.
+pub fn prepare_output_dir(out: &Path, overwrite: bool) -> Result<std::path::PathBuf> {
+    if out.exists() || out.is_symlink() {
+        if !out.is_dir() || out.is_symlink() {
             return Err(Error::Invalid(format!(
-                "{}: already exists and is not an empty directory; choose another --out",
+                "{}: exists and is not a directory; choose another --out",
+                out.display()
+            )));
+        }
+        let empty = std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_none();
+        if !empty && !overwrite {
+            return Err(Error::Invalid(format!(
+                "{}: already exists and is not empty; choose another --out, or pass --overwrite to replace it",
                 out.display()
             )));
         }
@@ -115,24 +121,43 @@ pub fn prepare_output_dir(out: &Path) -> Result<std::path::PathBuf> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = parent.join(format!(".{}.tmp-{}", dir_name(out), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     Ok(tmp)
 }
 
-/// Renames the finished temporary directory onto `out`, or removes it if `result` is an error.
+fn dir_name(out: &Path) -> String {
+    out.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into())
+}
+
+/// Renames the finished temporary directory onto `out` (an existing `out`, allowed by
+/// [`prepare_output_dir`], is renamed aside first and deleted only after the new one is in
+/// place), or removes the temporary directory if `result` is an error.
 pub fn finish_output_dir<T>(tmp: &Path, out: &Path, result: Result<T>) -> Result<T> {
     match result {
         Ok(v) => {
-            if out.exists() {
-                std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+            let old = out.with_file_name(format!(
+                ".{}.old-{}",
+                dir_name(out),
+                std::process::id()
+            ));
+            let replaced = out.exists();
+            if replaced {
+                std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
             }
-            std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
+            if let Err(e) = std::fs::rename(tmp, out) {
+                if replaced {
+                    let _ = std::fs::rename(&old, out); // put the user's directory back
+                }
+                return Err(Error::io(out, e));
+            }
+            if replaced {
+                // Never follows symlinks: a link inside the old directory is removed, not its target.
+                let _ = std::fs::remove_dir_all(&old);
+            }
             Ok(v)
         }
         Err(e) => {

@@ -30,7 +30,8 @@ pub struct MergeReport {
     pub bytes: u64,
 }
 
-/// Writes the merged checkpoint into `out`, which must not exist or be empty. Everything is
+/// Writes the merged checkpoint into `out`, which must not exist or be empty (unless
+/// `overwrite`). Everything is
 /// written into a sibling temporary directory first and renamed into place at the end, so an
 /// interrupted merge leaves no half-written model behind.
 /// `dtype`: the dtype to write (default: each tensor's dtype in the base checkpoint).
@@ -41,6 +42,7 @@ pub fn merge(
     max_shard_bytes: u64,
     dtype: Option<Dtype>,
     quant: Option<crate::phi::Quantization>,
+    overwrite: bool,
 ) -> Result<MergeReport> {
     let config = ckpt.config();
     let tensors = config.expected_tensors();
@@ -62,7 +64,7 @@ pub fn merge(
             )));
         }
     }
-    let tmp = crate::prepare_output_dir(out)?;
+    let tmp = crate::prepare_output_dir(out, overwrite)?;
     let result = (|| {
         // Plan shards by bytes, keeping the checkpoint's tensor order.
         let mut shards: Vec<Vec<(String, Dtype, Vec<usize>)>> = vec![Vec::new()];

@@ -38,6 +38,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         args.max_shard_mb * 1_000_000,
         dtype,
         quant,
+        args.overwrite,
     )?;
     let written = dtype.unwrap_or(ckpt.storage_dtype());
     eprintln!(

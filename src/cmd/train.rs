@@ -16,6 +16,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         flags: args.flags,
         out: args.out,
         resume: args.resume,
+        overwrite: args.overwrite,
         stop_after: args.stop_after,
         dashboard,
     })?;

@@ -42,6 +42,8 @@ pub struct Request {
     pub flags: TrainFlags,
     pub out: PathBuf,
     pub resume: bool,
+    /// Replace a run already in `out` (deleted once everything else has been checked).
+    pub overwrite: bool,
     pub stop_after: Option<usize>,
     /// Live dashboard (when stdout is a terminal); otherwise one plain line per step on stderr.
     pub dashboard: bool,
@@ -117,9 +119,9 @@ pub fn prepare(req: Request) -> Result<Prepared> {
                 .with_context(|| out.display().to_string())?
                 .next()
                 .is_some();
-            if non_empty {
+            if non_empty && !req.overwrite {
                 bail!(
-                    "{} exists and is not empty: pass --resume to continue the run there, or choose another --out",
+                    "{} exists and is not empty: pass --resume to continue the run there, --overwrite to replace it, or choose another --out",
                     out.display()
                 );
             }
@@ -154,6 +156,18 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         }
     }
 
+    if req.overwrite && out.exists() {
+        // Renamed aside first, so a failed deletion never leaves half a run under `out`;
+        // remove_dir_all does not follow symlinks.
+        let old = out.with_file_name(format!(
+            ".{}.old-{}",
+            out.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::rename(&out, &old).with_context(|| format!("replacing {}", out.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        eprintln!("--overwrite: removed the previous contents of {}", out.display());
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if !req.resume {
         checkpoint::write_synced(&config_path, config.to_toml().as_bytes())?;
