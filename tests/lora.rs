@@ -254,7 +254,13 @@ fn merge_refuses_to_overwrite_and_bad_adapters() {
     // A file is never replaced, even with --overwrite.
     let file = out.join("keep.txt");
     let o = common::phitune(&[
-        "merge", "--model", &tiny, "--adapter", &adapter, "--out", file.to_str().unwrap(),
+        "merge",
+        "--model",
+        &tiny,
+        "--adapter",
+        &adapter,
+        "--out",
+        file.to_str().unwrap(),
         "--overwrite",
     ]);
     common::assert_one_line_error(&o, "is not a directory");
@@ -263,14 +269,26 @@ fn merge_refuses_to_overwrite_and_bad_adapters() {
     let broken = common::scratch("merge-broken-adapter");
     std::fs::write(broken.join("adapter_config.json"), "{").unwrap();
     let o = common::phitune(&[
-        "merge", "--model", &tiny, "--adapter", broken.to_str().unwrap(), "--out",
-        out.to_str().unwrap(), "--overwrite",
+        "merge",
+        "--model",
+        &tiny,
+        "--adapter",
+        broken.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--overwrite",
     ]);
     assert!(!o.status.success());
     assert!(out.join("keep.txt").is_file());
     // With --overwrite the directory is replaced by the merged checkpoint.
     let o = common::phitune(&[
-        "merge", "--model", &tiny, "--adapter", &adapter, "--out", out.to_str().unwrap(),
+        "merge",
+        "--model",
+        &tiny,
+        "--adapter",
+        &adapter,
+        "--out",
+        out.to_str().unwrap(),
         "--overwrite",
     ]);
     assert!(o.status.success(), "{}", common::stderr(&o));

@@ -223,7 +223,10 @@ fn fine_tune_lowers_held_out_loss_and_leaves_a_usable_adapter() {
     // The output directory is never reused by accident; --overwrite replaces the run.
     let o = run(&args);
     assert_one_line_error(&o, "is not empty");
-    let o = run(&with(set(args.clone(), "--max-steps", "2"), &["--overwrite"]));
+    let o = run(&with(
+        set(args.clone(), "--max-steps", "2"),
+        &["--overwrite"],
+    ));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(train_losses(&out).last().unwrap().0, 2);
     assert!(!out.join("eval").exists(), "the old run's files are gone");

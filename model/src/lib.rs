@@ -139,11 +139,7 @@ fn dir_name(out: &Path) -> String {
 pub fn finish_output_dir<T>(tmp: &Path, out: &Path, result: Result<T>) -> Result<T> {
     match result {
         Ok(v) => {
-            let old = out.with_file_name(format!(
-                ".{}.old-{}",
-                dir_name(out),
-                std::process::id()
-            ));
+            let old = out.with_file_name(format!(".{}.old-{}", dir_name(out), std::process::id()));
             let replaced = out.exists();
             if replaced {
                 std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;

@@ -166,7 +166,10 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         ));
         std::fs::rename(&out, &old).with_context(|| format!("replacing {}", out.display()))?;
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-        eprintln!("--overwrite: removed the previous contents of {}", out.display());
+        eprintln!(
+            "--overwrite: removed the previous contents of {}",
+            out.display()
+        );
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if !req.resume {
