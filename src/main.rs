@@ -1,5 +1,8 @@
 //! `phitune`: fine-tune Phi-2 on persona-grounded dialogue with QLoRA, on Burn.
 
+// `unsafe` only where each use is named and justified: mimalloc's option call.
+#![deny(unsafe_code)]
+
 mod backend;
 mod cli;
 mod cmd;
@@ -22,6 +25,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn keep_freed_memory() {
     // SAFETY: both calls only read or write one of mimalloc's global option slots; an option
     // index is range-checked by mimalloc itself.
+    #[allow(unsafe_code)]
     unsafe {
         if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == 10 {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);

@@ -1,4 +1,5 @@
 //! Everything between the Persona-Chat data set and token batches.
+#![forbid(unsafe_code)]
 
 pub mod batch;
 pub mod load;

@@ -1,6 +1,8 @@
 //! Phi-2 in Burn: configuration, model, KV cache, sampling, checkpoint and tokenizer loading.
 //!
 //! Everything is generic over `B: Backend`; the backend is chosen only by the binary.
+// `unsafe` only where each use is named and justified (SAFETY comments): the sgemm call.
+#![deny(unsafe_code)]
 
 pub mod adapter;
 pub mod cache;

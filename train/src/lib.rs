@@ -2,6 +2,7 @@
 //! learning-rate schedule, the training objective, the step loop (global-norm clipping,
 //! step-granular evaluation and checkpoints, exact resume), metrics and curves, and the
 //! held-out evaluation with generation.
+#![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod clip;
