@@ -758,3 +758,47 @@ fn a_second_ctrl_c_quits_at_once_and_leaves_a_resumable_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(train_losses(&out).last().unwrap().0, step + 1);
 }
+
+#[test]
+fn a_failed_checkpoint_write_is_reported_and_the_previous_one_stays_usable() {
+    let out = scratch("train-disk-full").join("run");
+    let args = with(
+        base_args(&out, 6),
+        &[
+            "--save-every",
+            "1",
+            "--eval-every",
+            "0",
+            "--keep-checkpoints",
+            "2",
+        ],
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_phitune"))
+        .args(&args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("PHITUNE_TEST_CHECKPOINT_FAIL_STEP", "3")
+        .output()
+        .unwrap();
+    assert_fails_with(&o, "writing the step 3 checkpoint failed");
+    let err = stderr(&o);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("step-00000002"),
+        "names the last good one: {err}"
+    );
+    // Nothing half-written counts or is left behind; step 2 is intact.
+    let (step, dir) = checkpoint::latest(&out).unwrap();
+    assert_eq!(step, 2);
+    assert!(checkpoint::is_complete(&dir));
+    let leftovers: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Once there is space again, the run resumes from step 2 and finishes.
+    let o = run(&resume_args(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps: Vec<usize> = train_losses(&out).iter().map(|s| s.0).collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+}

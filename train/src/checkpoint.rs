@@ -252,6 +252,7 @@ pub fn commit(out: &Path, state: &CheckpointState, keep: usize) -> Result<PathBu
     for f in ADAPTER_FILES {
         sync_file(&staging.join(f)).with_context(|| staging.join(f).display().to_string())?;
     }
+    test_failure(state.step).with_context(|| staging.join(STATE).display().to_string())?;
     write_synced(
         &staging.join(STATE),
         serde_json::to_string_pretty(state)?.as_bytes(),
@@ -310,6 +311,18 @@ fn test_delay() {
     {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// For the disk-full test: `PHITUNE_TEST_CHECKPOINT_FAIL_STEP=N` makes writing step N's
+/// checkpoint fail as a full disk does (ENOSPC), after its weights were written.
+fn test_failure(step: usize) -> std::io::Result<()> {
+    let fail = std::env::var("PHITUNE_TEST_CHECKPOINT_FAIL_STEP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if fail == Some(step) {
+        return Err(std::io::Error::from_raw_os_error(28));
+    }
+    Ok(())
 }
 
 /// Writes a file through a temporary name and a rename, synced.

@@ -332,7 +332,18 @@ where
                         }
                         last_checkpoint = Some(dir);
                     }
-                    Err(e) => break Stop::Failed(format!("{e:#}")),
+                    Err(e) => {
+                        // Free what the failed write left (it never counts as a checkpoint).
+                        checkpoint::clean_staging(&self.out);
+                        let keep = last_checkpoint
+                            .as_ref()
+                            .map_or("there is no earlier checkpoint".to_string(), |d| {
+                                format!("the last good checkpoint is {}", d.display())
+                            });
+                        break Stop::Failed(format!(
+                            "writing the step {step} checkpoint failed: {e:#}; {keep} (free space or fix permissions, then --resume)"
+                        ));
+                    }
                 }
             }
             if self.stop_after == Some(step) {

@@ -128,7 +128,9 @@ fn sgemm(
 ) {
     assert!(m > 0 && k > 0 && n > 0);
     assert!(a.len() >= m * k && c.len() >= (m - 1) * rsc as usize + n);
-    assert!(rsb > 0 && csb > 0 && b.len() as isize > (k as isize - 1) * rsb + (n as isize - 1) * csb);
+    assert!(
+        rsb > 0 && csb > 0 && b.len() as isize > (k as isize - 1) * rsb + (n as isize - 1) * csb
+    );
     // SAFETY: matrixmultiply reads a as [m, k] row-major, b as [k, n] with the given (positive)
     // strides and writes c as [m, n] with row stride rsc; the assertions above bound the last
     // element of each, so every access is inside the slices.
