@@ -85,7 +85,7 @@ impl<B: Nf4Backend> Attention<B> {
             None => scores,
         };
         let probs = softmax(scores, 3).cast(v.dtype());
-        let probs = self.attn_dropout.forward(probs);
+        let probs = crate::fused::dropout(probs, self.attn_dropout.prob);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
         self.dense.forward(out)
     }

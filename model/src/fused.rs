@@ -59,6 +59,44 @@ pub trait FusedOps: Backend {
     fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         reference::gelu_tanh_backward::<Self>(x, grad)
     }
+
+    /// Whether [`FusedOps::dropout_seeded`] is implemented (else dropout uses Burn's ops).
+    fn has_seeded_dropout() -> bool {
+        false
+    }
+
+    /// Inverted dropout whose mask is a hash of `(seed, element index)`: `x / (1 - p)` where
+    /// kept, 0 elsewhere. The same seed gives the same mask, so the backward is this op applied
+    /// to the gradient and no mask is stored.
+    fn dropout_seeded(x: FloatTensor<Self>, _p: f64, _seed: u64) -> FloatTensor<Self> {
+        x
+    }
+}
+
+/// Training-time dropout (identity outside autodiff or for `p == 0`), as Burn's `Dropout`.
+pub fn dropout<B: FusedOps, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    if p == 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    if B::has_seeded_dropout() {
+        // The seed comes from the backend's generator, so `B::seed` makes masks reproducible.
+        let draws = Tensor::<B, 1>::random(
+            [2],
+            burn::tensor::Distribution::Uniform(0.0, 16_777_216.0),
+            &x.device(),
+        )
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default();
+        let seed = draws.iter().fold(0u64, |s, &d| (s << 24) | d as u64);
+        return Tensor::from_primitive(TensorPrimitive::Float(B::dropout_seeded(
+            x.into_primitive().tensor(),
+            p,
+            seed,
+        )));
+    }
+    burn::nn::DropoutConfig::new(p).init().forward(x)
 }
 
 /// `gelu_new` (the tanh approximation), any shape.
@@ -353,6 +391,39 @@ where
             });
         shaped(out, &shape)
     }
+
+    fn has_seeded_dropout() -> bool {
+        true
+    }
+
+    fn dropout_seeded(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self> {
+        let shape = burn::tensor::TensorMetadata::shape(&x);
+        let Some(xs) = crate::nf4::ndarray::f32s(&x) else {
+            return x; // not f32: never built that way (models run f32 on the CPU)
+        };
+        let threshold = (p * (1u64 << 24) as f64) as u64;
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(4096)
+            .zip(xs.par_chunks(4096))
+            .enumerate()
+            .for_each(|(c, (o, x))| {
+                for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                    let keep = mask_draw(seed, (c * 4096 + j) as u64) >= threshold;
+                    *o = if keep { x * scale } else { 0.0 };
+                }
+            });
+        shaped(out, &shape)
+    }
+}
+
+/// 24 uniform bits for element `i` under `seed` (SplitMix64's finalizer).
+#[inline(always)]
+fn mask_draw(seed: u64, i: u64) -> u64 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) >> 40
 }
 
 fn shaped(values: Vec<f32>, shape: &burn::tensor::Shape) -> NdArrayTensor {
@@ -375,6 +446,22 @@ impl<B: FusedOps> Backward<B, 1> for CrossEntropyBackward {
         if let Some(node) = node_logits {
             let g = B::cross_entropy_backward(logits, targets, lse, grad);
             grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DropoutBackward;
+
+impl<B: FusedOps> Backward<B, 1> for DropoutBackward {
+    type State = (f64, u64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (p, seed) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::dropout_seeded(grad, p, seed));
         }
     }
 }
@@ -445,6 +532,24 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::gelu_tanh_backward(Self::inner(x), Self::inner(grad)))
+    }
+
+    fn has_seeded_dropout() -> bool {
+        B::has_seeded_dropout()
+    }
+
+    fn dropout_seeded(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self> {
+        match DropoutBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::dropout_seeded(x.primitive, p, seed);
+                prep.finish((p, seed), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dropout_seeded(x.primitive, p, seed)),
+        }
     }
 }
 
@@ -612,6 +717,50 @@ mod tests {
         Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(refr))
             .into_data()
             .assert_approx_eq::<f32>(&g1, tol);
+    }
+
+    #[test]
+    fn seeded_dropout_keeps_1_minus_p_scales_and_backpropagates_its_own_mask() {
+        let dev = Default::default();
+        let x = Tensor::<AB, 2>::ones([64, 1000], &dev).require_grad();
+        <AB as Backend>::seed(&dev, 11);
+        let y = dropout(x.clone(), 0.1);
+        let ys = y.clone().into_data().into_vec::<f32>().unwrap();
+        let kept = ys.iter().filter(|&&v| v != 0.0).count() as f64 / ys.len() as f64;
+        assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+        assert!(ys.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        // d(sum(y * w))/dx = w * mask / (1 - p): zero exactly where y is.
+        let w = Tensor::<AB, 2>::random([64, 1000], Distribution::Uniform(1.0, 2.0), &dev);
+        let g = x.grad(&(y * w.clone()).sum().backward()).unwrap();
+        let (gs, ws) = (
+            g.into_data().into_vec::<f32>().unwrap(),
+            w.into_data().into_vec::<f32>().unwrap(),
+        );
+        for ((g, y), w) in gs.iter().zip(&ys).zip(&ws) {
+            assert!((g - y * w).abs() < 1e-5, "{g} vs {}", y * w);
+        }
+        // The backend's seed reproduces the mask; another seed changes it.
+        <AB as Backend>::seed(&dev, 11);
+        assert_eq!(
+            dropout(x.clone(), 0.1)
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap(),
+            ys
+        );
+        <AB as Backend>::seed(&dev, 12);
+        assert_ne!(
+            dropout(x.clone(), 0.1)
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap(),
+            ys
+        );
+        // Identity without autodiff, and for p = 0.
+        let plain = Tensor::<B, 2>::ones([4, 4], &dev);
+        assert_eq!(dropout(plain.clone(), 0.5).into_data(), plain.into_data());
+        let z = dropout(x.clone(), 0.0);
+        assert_eq!(z.into_data(), x.into_data());
     }
 
     #[test]

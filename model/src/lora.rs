@@ -170,10 +170,16 @@ impl<B: Backend> Lora<B> {
     pub fn rank(&self) -> usize {
         self.a.dims()[1]
     }
+}
 
+impl<B: crate::fused::FusedOps> Lora<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let h = linear(self.dropout.forward(x), self.a.val().cast(dtype), None);
+        let h = linear(
+            crate::fused::dropout(x, self.dropout.prob),
+            self.a.val().cast(dtype),
+            None,
+        );
         linear(h, self.b.val().cast(dtype), None).mul_scalar(self.scaling)
     }
 }

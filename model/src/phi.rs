@@ -57,10 +57,9 @@ impl<B: Nf4Backend> DecoderLayer<B> {
     ) -> Tensor<B, 3> {
         // Parallel block: attention and MLP both read the same normalised input.
         let x = self.input_layernorm.forward(h.clone());
-        let attn = self
-            .resid_dropout
-            .forward(self.self_attn.forward(x.clone(), ctx, cache));
-        let ff = self.resid_dropout.forward(self.mlp.forward(x));
+        let p = self.resid_dropout.prob;
+        let attn = crate::fused::dropout(self.self_attn.forward(x.clone(), ctx, cache), p);
+        let ff = crate::fused::dropout(self.mlp.forward(x), p);
         attn + ff + h
     }
 }
@@ -103,10 +102,10 @@ impl<B: Nf4Backend> Phi<B> {
         let mask =
             (s > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([s, past + s], past as i64, &device));
         let ctx = AttnContext { cos, sin, mask };
-        let mut h = self.embed_dropout.forward(burn::tensor::module::embedding(
-            self.embed_tokens.clone(),
-            ids,
-        ));
+        let mut h = crate::fused::dropout(
+            burn::tensor::module::embedding(self.embed_tokens.clone(), ids),
+            self.embed_dropout.prob,
+        );
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(h, &ctx, cache.as_deref_mut().map(|c| (c, i)));
         }
