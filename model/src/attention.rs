@@ -59,8 +59,8 @@ impl<B: Nf4Backend> Attention<B> {
             Some(ln) => ln.forward(k),
             None => k,
         };
-        let q = self.rotary.apply(q.swap_dims(1, 2), &ctx.cos, &ctx.sin);
-        let k = self.rotary.apply(k.swap_dims(1, 2), &ctx.cos, &ctx.sin);
+        let q = crate::fused::rope(q, &ctx.cos, &ctx.sin).swap_dims(1, 2);
+        let k = crate::fused::rope(k, &ctx.cos, &ctx.sin).swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),

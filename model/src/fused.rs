@@ -60,6 +60,18 @@ pub trait FusedOps: Backend {
         reference::gelu_tanh_backward::<Self>(x, grad)
     }
 
+    /// Rotary embedding of `x [batch, seq, heads, head_dim]` with `cos`/`sin` tables
+    /// `[seq, dim]` (HF's rotate_half layout on the first `dim` channels of each head; the rest
+    /// pass through). `inverse` rotates by the negated angles: the backward of the forward.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        reference::rope::<Self>(x, cos, sin, inverse)
+    }
+
     /// Whether [`FusedOps::dropout_seeded`] is implemented (else dropout uses Burn's ops).
     fn has_seeded_dropout() -> bool {
         false
@@ -71,6 +83,16 @@ pub trait FusedOps: Backend {
     fn dropout_seeded(x: FloatTensor<Self>, _p: f64, _seed: u64) -> FloatTensor<Self> {
         x
     }
+}
+
+/// Rotary embedding of `x [batch, seq, heads, head_dim]`; see [`FusedOps::rope`].
+pub fn rope<B: FusedOps>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::rope(
+        x.into_primitive().tensor(),
+        cos.clone().into_primitive().tensor(),
+        sin.clone().into_primitive().tensor(),
+        false,
+    )))
 }
 
 /// Training-time dropout (identity outside autodiff or for `p == 0`), as Burn's `Dropout`.
@@ -121,6 +143,7 @@ pub fn cross_entropy<B: FusedOps>(
 /// The tensor-op form: the definition the fused kernels are tested against.
 pub mod reference {
     pub use super::reference_gelu::{gelu_tanh, gelu_tanh_backward};
+    pub use super::reference_rope::rope;
     use super::*;
 
     fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -180,6 +203,38 @@ pub mod reference {
 /// `sqrt(2 / pi)`.
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
+
+pub mod reference_rope {
+    use super::*;
+
+    pub fn rope<B: Backend>(
+        x: FloatTensor<B>,
+        cos: FloatTensor<B>,
+        sin: FloatTensor<B>,
+        inverse: bool,
+    ) -> FloatTensor<B> {
+        let x: Tensor<B, 4> = Tensor::from_primitive(TensorPrimitive::Float(x));
+        let cos: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(cos));
+        let sin: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(sin));
+        let sin = if inverse { sin.neg() } else { sin };
+        let [_, s, _, head_dim] = x.dims();
+        let dim = cos.dims()[1];
+        let half = dim / 2;
+        let x_rot = x.clone().narrow(3, 0, dim);
+        let x1 = x_rot.clone().narrow(3, 0, half);
+        let x2 = x_rot.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let cos = cos.reshape([1, s, 1, dim]);
+        let sin = sin.reshape([1, s, 1, dim]);
+        let out = x_rot * cos + rotated * sin;
+        let out = if dim == head_dim {
+            out
+        } else {
+            Tensor::cat(vec![out, x.narrow(3, dim, head_dim - dim)], 3)
+        };
+        out.into_primitive().tensor()
+    }
+}
 
 pub mod reference_gelu {
     use super::*;
@@ -392,6 +447,38 @@ where
         shaped(out, &shape)
     }
 
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        let shape = burn::tensor::TensorMetadata::shape(&x);
+        let f32s = crate::nf4::ndarray::f32s;
+        let (Some(xs), Some(cs), Some(ss)) = (f32s(&x), f32s(&cos), f32s(&sin)) else {
+            return reference::rope::<Self>(x, cos, sin, inverse);
+        };
+        let (seq, heads, hd) = (shape[1], shape[2], shape[3]);
+        let dim = cs.len() / seq.max(1);
+        let half = dim / 2;
+        let sign = if inverse { -1.0f32 } else { 1.0 };
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(hd)
+            .zip(xs.par_chunks(hd))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let p = (r / heads) % seq;
+                let (c, sn) = (&cs[p * dim..(p + 1) * dim], &ss[p * dim..(p + 1) * dim]);
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    o[i] = x1 * c[i] - x2 * sn[i] * sign;
+                    o[i + half] = x2 * c[i + half] + x1 * sn[i + half] * sign;
+                }
+                o[dim..].copy_from_slice(&x[dim..]);
+            });
+        shaped(out, &shape)
+    }
+
     fn has_seeded_dropout() -> bool {
         true
     }
@@ -446,6 +533,22 @@ impl<B: FusedOps> Backward<B, 1> for CrossEntropyBackward {
         if let Some(node) = node_logits {
             let g = B::cross_entropy_backward(logits, targets, lse, grad);
             grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: FusedOps> Backward<B, 1> for RopeBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rope(grad, cos, sin, true));
         }
     }
 }
@@ -532,6 +635,32 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::gelu_tanh_backward(Self::inner(x), Self::inner(grad)))
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        let (cos, sin) = (Self::inner(cos), Self::inner(sin));
+        match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::rope(x.primitive, cos.clone(), sin.clone(), inverse);
+                // The inverse of a rotation by `inverse` is one by `!inverse`.
+                if inverse {
+                    let neg = B::float_neg(sin);
+                    prep.finish((cos, neg), out)
+                } else {
+                    prep.finish((cos, sin), out)
+                }
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rope(x.primitive, cos, sin, inverse)),
+        }
     }
 
     fn has_seeded_dropout() -> bool {
@@ -717,6 +846,35 @@ mod tests {
         Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(refr))
             .into_data()
             .assert_approx_eq::<f32>(&g1, tol);
+    }
+
+    #[test]
+    fn fused_rope_and_its_gradient_match_the_tensor_op_form() {
+        let dev = Default::default();
+        <B as Backend>::seed(&dev, 9);
+        let rot = crate::rotary::RotaryEmbedding::new(8, 10000.0);
+        for head_dim in [8, 12] {
+            let (cos, sin) = rot.tables::<AB>(3, 5, &dev);
+            let x =
+                Tensor::<AB, 4>::random([2, 5, 3, head_dim], Distribution::Normal(0.0, 1.0), &dev)
+                    .require_grad();
+            let w =
+                Tensor::<AB, 4>::random([2, 5, 3, head_dim], Distribution::Normal(0.0, 1.0), &dev);
+            let y = rope(x.clone(), &cos, &sin);
+            let g = x.grad(&(y.clone() * w.clone()).sum().backward()).unwrap();
+            let x2 = x.clone().detach().require_grad();
+            let y2: Tensor<AB, 4> =
+                Tensor::from_primitive(TensorPrimitive::Float(reference::rope::<AB>(
+                    x2.clone().into_primitive().tensor(),
+                    cos.clone().into_primitive().tensor(),
+                    sin.clone().into_primitive().tensor(),
+                    false,
+                )));
+            let g2 = x2.grad(&(y2.clone() * w).sum().backward()).unwrap();
+            let tol = Tolerance::absolute(1e-5);
+            y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
+            g.into_data().assert_approx_eq::<f32>(&g2.into_data(), tol);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Partial rotary position embedding in the non-interleaved "rotate_half" layout (HF's
 //! `apply_rotary_pos_emb`): only the first `dim` channels of each q/k head are rotated,
 //! channel i is paired with channel i + dim/2 (NOT adjacent pairs), the rest pass through.
+//! The rotation itself is [`crate::fused::rope`] (a fused kernel on the CPU).
 
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
@@ -47,28 +48,5 @@ impl RotaryEmbedding {
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
         )
-    }
-
-    /// Rotates `x: [batch, heads, seq, head_dim]` with tables from [`Self::tables`].
-    pub fn apply<B: Backend>(
-        &self,
-        x: Tensor<B, 4>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-    ) -> Tensor<B, 4> {
-        let [_, _, _, head_dim] = x.dims();
-        let half = self.dim / 2;
-        let x_rot = x.clone().narrow(3, 0, self.dim);
-        let x1 = x_rot.clone().narrow(3, 0, half);
-        let x2 = x_rot.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = cos.clone().unsqueeze::<4>();
-        let sin = sin.clone().unsqueeze::<4>();
-        let out = x_rot * cos + rotated * sin;
-        if self.dim == head_dim {
-            out
-        } else {
-            Tensor::cat(vec![out, x.narrow(3, self.dim, head_dim - self.dim)], 3)
-        }
     }
 }
