@@ -243,7 +243,9 @@ impl Adapter {
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.is_file() {
             let hint = if dir.join("adapter_model.bin").exists() {
-                " (only the pickle adapter_model.bin is there; phitune reads safetensors only)"
+                " (only the pickle adapter_model.bin is there; phitune reads safetensors only, because \
+                 unpickling can run arbitrary code: convert once in Python with \
+                 `PeftModel.from_pretrained(base, dir).save_pretrained(out, safe_serialization=True)`)"
             } else {
                 ""
             };
