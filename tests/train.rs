@@ -708,7 +708,7 @@ fn ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_cleanly() {
     );
     let steps = train_losses(&out);
     let last = steps.last().unwrap().0;
-    assert!(last >= 2 && last < 500, "stopped at {last}");
+    assert!((2..500).contains(&last), "stopped at {last}");
     let (step, dir) = checkpoint::latest(&out).expect("a checkpoint");
     assert_eq!(step, last, "the checkpoint is of the last logged step");
     assert!(checkpoint::is_complete(&dir));

@@ -316,8 +316,7 @@ where
         );
         let model = burn::module::AutodiffModule::valid(&learner.model());
         let mut sum = LmStats::default();
-        let mut iter = valid_loader.iter();
-        while let Some(batch) = iter.next() {
+        for batch in valid_loader.iter() {
             sum.add(&burn::train::InferenceStep::step(&model, batch));
         }
         log.append(metrics::Record::from_stats("valid", 0, &sum, 0.0))?;

@@ -289,7 +289,7 @@ where
                 break Stop::Failed(format!("{e:#}"));
             }
 
-            let interval_end = step % every == 0 || step == c.max_steps;
+            let interval_end = step.is_multiple_of(every) || step == c.max_steps;
             let stopping = interrupter.should_stop() || self.stop_after == Some(step);
             if interval_end {
                 ctx.processor
@@ -315,7 +315,7 @@ where
                 }
                 last_valid = Some(v);
             }
-            if step % c.save_every == 0 || step == c.max_steps || stopping {
+            if step.is_multiple_of(c.save_every) || step == c.max_steps || stopping {
                 let state = CheckpointState {
                     step,
                     examples_seen: (step * c.sequences_per_step()) as u64,
