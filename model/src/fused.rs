@@ -1,13 +1,17 @@
-//! Fused element-wise work over the vocabulary, as a backend extension: the language-model
-//! cross-entropy. Its tensor-op form (log-softmax, gather, and their backwards: a scatter into
-//! a zero tensor, a slice-assign) walks the `[tokens, vocab]` logits a dozen times and allocates
-//! as many full-size temporaries; the fused form reads the logits once forward and once
-//! backward and writes the gradient once.
+//! Fused element-wise work, as a backend extension. Burn's tensor-op forms walk their tensors
+//! once per op and allocate a temporary each time (and as many again in the backward); these
+//! read the input once forward and once backward:
 //!
-//! - [`FusedOps`]: the trait, with default implementations from Burn's tensor ops (what the
-//!   CubeCL backends use).
-//! - `NdArray`: one pass per row, rows in parallel.
-//! - `Autodiff<B>`: a hand-written backward that saves the logits and the per-row log-sum-exp.
+//! - the language-model cross-entropy over the vocabulary (log-softmax + gather, whose
+//!   backwards are a scatter into zeros and a slice-assign, over `[tokens, vocab]`);
+//! - `gelu_new`;
+//! - the rotary embedding (the backward is the rotation by the negated angles);
+//! - dropout, with a mask that is a hash of a seed and the element index (the backward
+//!   re-derives it instead of storing it).
+//!
+//! [`FusedOps`] has default implementations from Burn's tensor ops (what the CubeCL backends
+//! use; `reference*` below, also what the kernels are tested against); `NdArray` has one-pass
+//! kernels, rows or chunks in parallel; `Autodiff<B>` has hand-written backwards.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
