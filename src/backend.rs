@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 use clap::ValueEnum;
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use phitune_data::load::{LoadOptions, load_file};
 use phitune_model::PhiConfig;
-use phitune_model::adapter::Adapter;
-use phitune_model::safetensors::SafetensorsFile;
+use phitune_model::io::adapter::Adapter;
+use phitune_model::io::safetensors::SafetensorsFile;
 
 /// The hand-written seeds and the minimised corpus of `target`.
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {

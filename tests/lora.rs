@@ -9,7 +9,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use phitune_model::adapter::{Adapter, LoraWeights, module_path};
+use phitune_model::io::adapter::{Adapter, LoraWeights, module_path};
 use phitune_model::lora::LoraConfig;
 use phitune_model::phi::ids_tensor;
 use phitune_model::{Checkpoint, Phi, PhiTokenizer};

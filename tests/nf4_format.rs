@@ -4,8 +4,8 @@
 
 mod common;
 
-use phitune_model::nf4::format::{Absmax, NF4_CODE, Nf4Host, code8, torch_sum_f32};
-use phitune_model::safetensors::SafetensorsFile;
+use phitune_model::io::safetensors::SafetensorsFile;
+use phitune_model::ops::nf4_format::{Absmax, NF4_CODE, Nf4Host, code8, torch_sum_f32};
 
 fn file() -> SafetensorsFile {
     SafetensorsFile::open(&common::fixtures().join("nf4/cases.safetensors")).unwrap()

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Distribution, Int, Tensor};
 use common::nf4::{host_weight, upload};
-use phitune_model::nf4::{self, Nf4Host};
+use phitune_model::ops::{self, Nf4Host};
 
 /// Counts live heap bytes and the peak, to prove what is (not) allocated.
 struct Counting;
@@ -59,7 +59,7 @@ fn autodiff_keeps_no_dense_weights() {
     PEAK.store(base, Ordering::SeqCst);
     let mut h = x.clone();
     for (packed, absmax) in &weights {
-        h = nf4::nf4_linear(h, packed.clone(), absmax.clone(), [out, inp]);
+        h = ops::nf4_linear(h, packed.clone(), absmax.clone(), [out, inp]);
     }
     let after_forward = LIVE.load(Ordering::SeqCst);
     let grads = h.sum().backward();

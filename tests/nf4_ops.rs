@@ -7,7 +7,7 @@ use common::nf4::{check_fused, max_diff};
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Distribution, Tensor};
-use phitune_model::nf4;
+use phitune_model::ops;
 
 type B = NdArray<f32, i32>;
 type A = Autodiff<B>;
@@ -36,7 +36,7 @@ fn frozen_dense_matmul_matches_matmul() {
         let w = Tensor::<A, 2>::random([out, inp], Distribution::Normal(0.0, 1.0), &device);
         let x = Tensor::<A, 2>::random([m, inp], Distribution::Normal(0.0, 1.0), &device)
             .require_grad();
-        let y = nf4::frozen_linear(x.clone(), w.clone());
+        let y = ops::frozen_linear(x.clone(), w.clone());
         let y_ref = x.clone().matmul(w.clone().transpose());
         assert!(max_diff(y.clone(), y_ref) < 1e-4 * (inp as f32).sqrt());
         let gx = x.grad(&y.sum().backward()).unwrap();

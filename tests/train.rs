@@ -299,7 +299,7 @@ fn resumed_run_matches_the_uninterrupted_one_step_by_step() {
         );
     }
     // The two final adapters agree.
-    let w = |d: &Path| phitune_model::adapter::Adapter::read(d).unwrap();
+    let w = |d: &Path| phitune_model::io::adapter::Adapter::read(d).unwrap();
     let (wa, wb) = (w(&a), w(&b));
     for (k, ma) in &wa.modules {
         let mb = &wb.modules[k];

@@ -100,7 +100,7 @@ pub fn load_source(
         || spec.ends_with(".jsonl")
         || spec.ends_with(".json")
         || spec.ends_with(".parquet");
-    if looks_local || phitune_model::hub::validate_repo_id(spec).is_err() {
+    if looks_local || phitune_model::io::hub::validate_repo_id(spec).is_err() {
         return Err(file_err(
             path,
             "no such data file or directory (and not a hub dataset id like Cynaptics/persona-chat)",
@@ -404,14 +404,14 @@ fn load_parquet(path: &Path, opts: LoadOptions) -> Result<Loaded, DataError> {
 
 /// The parquet files of a hub dataset revision, from the HF cache or downloaded into it.
 pub fn hub_parquet_files(id: &str, revision: Option<&str>) -> Result<Vec<PathBuf>, DataError> {
-    let repo = phitune_model::hub::HubRepo::new(id, hf_hub::RepoType::Dataset, revision)?;
+    let repo = phitune_model::io::hub::HubRepo::new(id, hf_hub::RepoType::Dataset, revision)?;
     if let Some(snapshot) = repo.cached_snapshot() {
         let mut files = Vec::new();
         collect_data_files(&snapshot, &mut files, 0)
             .map_err(|e| file_err(&snapshot, e.to_string()))?;
         files.retain(|f| f.extension().is_some_and(|e| e == "parquet"));
         files.sort();
-        if !files.is_empty() && (phitune_model::hub::offline() || repo.list_remote().is_err()) {
+        if !files.is_empty() && (phitune_model::io::hub::offline() || repo.list_remote().is_err()) {
             return Ok(files);
         }
     }

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use phitune_model::adapter::Adapter;
+use phitune_model::io::adapter::Adapter;
 
 #[path = "common.rs"]
 mod common;

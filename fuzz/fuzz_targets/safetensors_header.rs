@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use phitune_model::safetensors::SafetensorsFile;
+use phitune_model::io::safetensors::SafetensorsFile;
 
 #[path = "common.rs"]
 mod common;

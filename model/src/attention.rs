@@ -8,8 +8,8 @@ use burn::tensor::{Bool, FloatDType, Tensor, backend::Backend};
 
 use crate::cache::KvCache;
 use crate::lora::LoraLinear;
-use crate::nf4::Nf4Backend;
 use crate::norm::LayerNorm;
+use crate::ops::Nf4Backend;
 use crate::rotary::RotaryEmbedding;
 
 #[derive(Module, Debug)]
@@ -59,8 +59,8 @@ impl<B: Nf4Backend> Attention<B> {
             Some(ln) => ln.forward(k),
             None => k,
         };
-        let q = crate::fused::rope(q, &ctx.cos, &ctx.sin).swap_dims(1, 2);
-        let k = crate::fused::rope(k, &ctx.cos, &ctx.sin).swap_dims(1, 2);
+        let q = crate::ops::rope(q, &ctx.cos, &ctx.sin).swap_dims(1, 2);
+        let k = crate::ops::rope(k, &ctx.cos, &ctx.sin).swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -85,7 +85,7 @@ impl<B: Nf4Backend> Attention<B> {
             None => scores,
         };
         let probs = softmax(scores, 3).cast(v.dtype());
-        let probs = crate::fused::dropout(probs, self.attn_dropout.prob);
+        let probs = crate::ops::dropout(probs, self.attn_dropout.prob);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
         self.dense.forward(out)
     }

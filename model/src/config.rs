@@ -107,7 +107,7 @@ fn default_max_pos() -> usize {
 impl PhiConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::read_small_file(path, MAX_CONFIG_BYTES)?;
+        let text = crate::io::read_small_file(path, MAX_CONFIG_BYTES)?;
         Self::from_json(&text).map_err(|msg| Error::config(path, msg))
     }
 

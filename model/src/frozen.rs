@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorCreationOptions, TensorData, backend::Backend};
 
-use crate::nf4::{self, Nf4Backend, Nf4Host};
+use crate::ops::{self, Nf4Backend, Nf4Host};
 
 #[derive(Module, Debug)]
 pub struct Nf4Weight<B: Backend> {
@@ -68,8 +68,8 @@ impl<B: Backend> FrozenLinear<B> {
 impl<B: Nf4Backend> FrozenLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let y = match &self.weight {
-            FrozenWeight::Dense(w) => nf4::frozen_linear(x, w.clone()),
-            FrozenWeight::Nf4(q) => nf4::nf4_linear(
+            FrozenWeight::Dense(w) => ops::frozen_linear(x, w.clone()),
+            FrozenWeight::Nf4(q) => ops::nf4_linear(
                 x,
                 q.packed.clone(),
                 q.absmax.clone(),
@@ -86,7 +86,7 @@ impl<B: Nf4Backend> FrozenLinear<B> {
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         match &self.weight {
             FrozenWeight::Dense(w) => w.clone(),
-            FrozenWeight::Nf4(q) => nf4::nf4_dequantize(
+            FrozenWeight::Nf4(q) => ops::nf4_dequantize(
                 q.packed.clone(),
                 q.absmax.clone(),
                 [q.out_features, q.in_features],

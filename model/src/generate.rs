@@ -19,7 +19,7 @@ pub struct GenerationConfig {
 
 /// Generates up to `max_new_tokens` after `prompt`. `on_token` sees each new id as it is
 /// chosen (for streaming) and may return false to stop early. Returns the new ids.
-pub fn generate<B: crate::nf4::Nf4Backend>(
+pub fn generate<B: crate::ops::Nf4Backend>(
     model: &Phi<B>,
     prompt: &[u32],
     config: &GenerationConfig,
@@ -61,7 +61,7 @@ impl<B: Backend> CachedContext<B> {
 
 /// [`generate`] continuing from `context`: the longest common prefix of `prompt` and the
 /// cached tokens is reused (at least the last prompt token is always run, for its logits).
-pub fn generate_cached<B: crate::nf4::Nf4Backend>(
+pub fn generate_cached<B: crate::ops::Nf4Backend>(
     model: &Phi<B>,
     context: &mut CachedContext<B>,
     prompt: &[u32],

@@ -1,166 +1,37 @@
-//! Phi-2 in Burn: configuration, model, KV cache, sampling, checkpoint and tokenizer loading.
+//! Phi-2 in Burn: the network, generation, the backend extension for its heavy ops, and weight
+//! and file I/O.
 //!
 //! Everything is generic over `B: Backend`; the backend is chosen only by the binary.
+//!
+//! - The network, top to bottom as HF's `modeling_phi.py`: `config.rs`, `phi.rs`,
+//!   `attention.rs`, `rotary.rs`, `norm.rs`, `cache.rs` (KV cache), `lora.rs`, `frozen.rs`
+//!   (frozen base weights, dense or NF4).
+//! - Generation: `generate.rs`, `sampling.rs`, `tokenizer.rs`.
+//! - [`ops`]: the backend extension (NF4 and fused ops), one file or folder per backend.
+//! - [`io`]: safetensors, checkpoint directories, the hub, PEFT adapters, merged checkpoints,
+//!   file utilities.
 // `unsafe` only where each use is named and justified (SAFETY comments): the sgemm call.
 #![deny(unsafe_code)]
 
-pub mod adapter;
 pub mod cache;
-pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod frozen;
-pub mod fused;
 pub mod generate;
-pub mod hub;
+pub mod io;
 pub mod lora;
-pub mod merge;
-pub mod nf4;
 pub mod norm;
+pub mod ops;
 pub mod phi;
 pub mod rotary;
-pub mod safetensors;
 pub mod sampling;
 pub mod tokenizer;
 
 mod attention;
 
-pub use checkpoint::Checkpoint;
 pub use config::PhiConfig;
 pub use error::{Error, Result};
+pub use io::{Adapter, Checkpoint};
+pub use ops::Nf4Backend;
 pub use phi::Phi;
 pub use tokenizer::PhiTokenizer;
-
-use std::io::Read;
-use std::path::Path;
-
-/// Reads a text file, refusing files over `limit` bytes (so a wrong path to a huge file gives a
-/// clear error instead of exhausting memory).
-pub fn read_small_file(path: &Path, limit: u64) -> Result<String> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len > limit {
-        return Err(Error::Invalid(format!(
-            "{}: {len} bytes is larger than the {limit}-byte limit for this kind of file",
-            path.display()
-        )));
-    }
-    let mut s = String::new();
-    file.take(limit)
-        .read_to_string(&mut s)
-        .map_err(|e| Error::io(path, e))?;
-    Ok(s)
-}
-
-/// Writes `path` through a temporary file in the same directory, fsynced and renamed into place:
-/// a reader never sees a half-written file and an interrupted write leaves the old one intact.
-pub fn atomic_write(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
-) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(&file);
-        write(&mut w)?;
-        w.flush()?;
-        drop(w);
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
-/// A progress bar on stderr (hidden automatically when stderr is not a terminal).
-pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
-
-/// Checks that `out` is absent or an empty directory (or, with `overwrite`, any directory) and
-/// creates a sibling temporary directory to write into; [`finish_output_dir`] renames it into
-/// place. Nothing the user had is touched until the new output is complete.
-pub fn prepare_output_dir(out: &Path, overwrite: bool) -> Result<std::path::PathBuf> {
-    if out.exists() || out.is_symlink() {
-        if !out.is_dir() || out.is_symlink() {
-            return Err(Error::Invalid(format!(
-                "{}: exists and is not a directory; choose another --out",
-                out.display()
-            )));
-        }
-        let empty = std::fs::read_dir(out)
-            .map_err(|e| Error::io(out, e))?
-            .next()
-            .is_none();
-        if !empty && !overwrite {
-            return Err(Error::Invalid(format!(
-                "{}: already exists and is not empty; choose another --out, or pass --overwrite to replace it",
-                out.display()
-            )));
-        }
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", dir_name(out), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    Ok(tmp)
-}
-
-fn dir_name(out: &Path) -> String {
-    out.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into())
-}
-
-/// Renames the finished temporary directory onto `out` (an existing `out`, allowed by
-/// [`prepare_output_dir`], is renamed aside first and deleted only after the new one is in
-/// place), or removes the temporary directory if `result` is an error.
-pub fn finish_output_dir<T>(tmp: &Path, out: &Path, result: Result<T>) -> Result<T> {
-    match result {
-        Ok(v) => {
-            let old = out.with_file_name(format!(".{}.old-{}", dir_name(out), std::process::id()));
-            let replaced = out.exists();
-            if replaced {
-                std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-            }
-            if let Err(e) = std::fs::rename(tmp, out) {
-                if replaced {
-                    let _ = std::fs::rename(&old, out); // put the user's directory back
-                }
-                return Err(Error::io(out, e));
-            }
-            if replaced {
-                // Never follows symlinks: a link inside the old directory is removed, not its target.
-                let _ = std::fs::remove_dir_all(&old);
-            }
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(tmp);
-            Err(e)
-        }
-    }
-}

@@ -13,7 +13,7 @@ use burn::tensor::{Distribution, FloatDType, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::frozen::FrozenLinear;
-use crate::nf4::Nf4Backend;
+use crate::ops::Nf4Backend;
 
 /// The Linear layers of a Phi decoder layer that LoRA can adapt, by PEFT's names.
 pub const TARGETABLE: [&str; 6] = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"];
@@ -172,11 +172,11 @@ impl<B: Backend> Lora<B> {
     }
 }
 
-impl<B: crate::fused::FusedOps> Lora<B> {
+impl<B: crate::ops::FusedOps> Lora<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let h = linear(
-            crate::fused::dropout(x, self.dropout.prob),
+            crate::ops::dropout(x, self.dropout.prob),
             self.a.val().cast(dtype),
             None,
         );

@@ -8,17 +8,17 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, backend::Backend};
 
-use crate::adapter::{Adapter, LoraWeights, module_path};
 use crate::attention::{Attention, AttnContext};
 use crate::cache::KvCache;
-use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, PhiConfig};
 use crate::error::{Error, Result};
 use crate::frozen::{FrozenLinear, FrozenWeight, Nf4Weight};
-use crate::fused::cross_entropy;
+use crate::io::adapter::{Adapter, LoraWeights, module_path};
+use crate::io::checkpoint::Checkpoint;
 use crate::lora::{Lora, LoraConfig, LoraLinear};
-use crate::nf4::{Nf4Backend, Nf4Host};
 use crate::norm::LayerNorm;
+use crate::ops::cross_entropy;
+use crate::ops::{Nf4Backend, Nf4Host};
 use crate::rotary::RotaryEmbedding;
 
 #[derive(Module, Debug)]
@@ -33,7 +33,7 @@ impl<B: Nf4Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.fc1.forward(x);
         let h = match self.act {
-            Activation::GeluTanh => crate::fused::gelu_tanh(h),
+            Activation::GeluTanh => crate::ops::gelu_tanh(h),
             Activation::Gelu => gelu(h),
         };
         self.fc2.forward(h)
@@ -58,8 +58,8 @@ impl<B: Nf4Backend> DecoderLayer<B> {
         // Parallel block: attention and MLP both read the same normalised input.
         let x = self.input_layernorm.forward(h.clone());
         let p = self.resid_dropout.prob;
-        let attn = crate::fused::dropout(self.self_attn.forward(x.clone(), ctx, cache), p);
-        let ff = crate::fused::dropout(self.mlp.forward(x), p);
+        let attn = crate::ops::dropout(self.self_attn.forward(x.clone(), ctx, cache), p);
+        let ff = crate::ops::dropout(self.mlp.forward(x), p);
         attn + ff + h
     }
 }
@@ -102,7 +102,7 @@ impl<B: Nf4Backend> Phi<B> {
         let mask =
             (s > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([s, past + s], past as i64, &device));
         let ctx = AttnContext { cos, sin, mask };
-        let mut h = crate::fused::dropout(
+        let mut h = crate::ops::dropout(
             burn::tensor::module::embedding(self.embed_tokens.clone(), ids),
             self.embed_dropout.prob,
         );
@@ -327,7 +327,7 @@ impl<B: Backend> Phi<B> {
     ) -> Result<Self> {
         let config = ckpt.config().clone();
         let total = config.expected_tensors().len() as u64;
-        let bar = crate::progress_bar(total, "loading weights");
+        let bar = crate::io::progress_bar(total, "loading weights");
         let start = Instant::now();
         let model = Self::build(&config, device, quant, &mut |name, shape| {
             let (values, got) = ckpt.read_f32(name)?;

@@ -1,7 +1,7 @@
 //! Partial rotary position embedding in the non-interleaved "rotate_half" layout (HF's
 //! `apply_rotary_pos_emb`): only the first `dim` channels of each q/k head are rotated,
 //! channel i is paired with channel i + dim/2 (NOT adjacent pairs), the rest pass through.
-//! The rotation itself is [`crate::fused::rope`] (a fused kernel on the CPU).
+//! The rotation itself is [`crate::ops::rope`] (a fused kernel on the CPU).
 
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData, backend::Backend};

@@ -24,7 +24,7 @@ impl PhiTokenizer {
                 msg: "no tokenizer.json in the model directory".into(),
             });
         }
-        let text = crate::read_small_file(&path, MAX_TOKENIZER_BYTES)?;
+        let text = crate::io::read_small_file(&path, MAX_TOKENIZER_BYTES)?;
         let inner: tokenizers::Tokenizer = text.parse().map_err(|e| Error::Tokenizer {
             path: path.clone(),
             msg: format!("invalid tokenizer.json: {e}"),
@@ -37,7 +37,7 @@ impl PhiTokenizer {
                 bos_token_id: Option<TokenIds>,
                 eos_token_id: Option<TokenIds>,
             }
-            let g: Gen = serde_json::from_str(&crate::read_small_file(&gen_path, 1 << 20)?)
+            let g: Gen = serde_json::from_str(&crate::io::read_small_file(&gen_path, 1 << 20)?)
                 .map_err(|e| Error::config(&gen_path, format!("invalid generation config: {e}")))?;
             bos = g.bos_token_id.or(bos);
             eos = g.eos_token_id.or(eos);

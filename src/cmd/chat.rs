@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use phitune_model::Phi;
 use phitune_model::PhiTokenizer;
 use phitune_model::generate::{CachedContext, GenerationConfig, generate_cached};
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use phitune_model::sampling::SamplingConfig;
 use phitune_model::tokenizer::TextStream;
 use serde_json::json;

@@ -24,7 +24,7 @@ impl DataSourceArgs {
 pub fn run(args: DataArgs) -> Result<()> {
     let src = &args.source;
     src.validate()?;
-    let dir = phitune_model::hub::resolve_model(&args.model, args.revision.as_deref())?;
+    let dir = phitune_model::io::hub::resolve_model(&args.model, args.revision.as_deref())?;
     let config = PhiConfig::from_file(&dir.join("config.json"))?;
     let tok = PhiTokenizer::from_dir(&dir, &config)?;
     let t = std::time::Instant::now();

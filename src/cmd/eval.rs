@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use phitune_train::eval::{
     Baseline, EvalData, EvalOptions, EvalSummary, HeldOut, evaluate, held_out,
 };

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 use phitune_model::generate::{CachedContext, GenerationConfig, generate};
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use phitune_model::sampling::SamplingConfig;
 use phitune_model::tokenizer::TextStream;
 use serde_json::json;

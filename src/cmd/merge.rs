@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 use phitune_model::Checkpoint;
-use phitune_model::adapter::Adapter;
+use phitune_model::io::adapter::Adapter;
 
 use crate::cli::MergeArgs;
 
@@ -11,10 +11,10 @@ pub fn run(args: MergeArgs) -> Result<()> {
         bail!("--max-shard-mb must be positive");
     }
     let adapter = Adapter::read(&args.adapter)?;
-    let dir = phitune_model::hub::resolve_model(&args.model, args.revision.as_deref())?;
+    let dir = phitune_model::io::hub::resolve_model(&args.model, args.revision.as_deref())?;
     let ckpt = Checkpoint::open(&dir)?;
     adapter.check_compatible(ckpt.config())?;
-    use phitune_model::safetensors::Dtype as St;
+    use phitune_model::io::safetensors::Dtype as St;
     let dtype = args.dtype.map(|d| match d {
         crate::backend::Dtype::F32 => St::F32,
         crate::backend::Dtype::F16 => St::F16,
@@ -31,7 +31,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             }
         );
     }
-    let report = phitune_model::merge::merge(
+    let report = phitune_model::io::merge::merge(
         &ckpt,
         &adapter,
         &args.out,
@@ -47,7 +47,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         args.out.display(),
         report.shards,
         report.bytes as f64 / 1e6,
-        written.name(),
+        written,
         if written == St::F32 {
             ""
         } else {

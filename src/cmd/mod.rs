@@ -1,7 +1,6 @@
 //! One module per subcommand.
 
 mod bench;
-mod bench_train;
 mod chat;
 mod data;
 mod eval;
@@ -11,8 +10,8 @@ mod score;
 mod train;
 
 use anyhow::{Context, Result};
-use phitune_model::adapter::Adapter;
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::io::adapter::Adapter;
+use phitune_model::ops::Nf4Backend;
 use phitune_model::{Checkpoint, Phi, PhiTokenizer};
 
 use crate::cli::{Command, ModelArgs, PersonaArgs, Quant};
@@ -42,7 +41,7 @@ pub struct ModelSource {
 impl ModelSource {
     pub fn open(args: &ModelArgs) -> Result<Self> {
         let adapter = args.adapter.as_deref().map(Adapter::read).transpose()?;
-        let dir = phitune_model::hub::resolve_model(&args.model, args.revision.as_deref())?;
+        let dir = phitune_model::io::hub::resolve_model(&args.model, args.revision.as_deref())?;
         let checkpoint = Checkpoint::open(&dir)?;
         let tokenizer = PhiTokenizer::from_dir(&dir, checkpoint.config())?;
         if let Some(a) = &adapter {
@@ -115,7 +114,7 @@ impl PersonaArgs {
         let mut persona = self.persona.clone();
         let mut dialogue = Vec::new();
         if let Some(path) = &self.persona_file {
-            let text = phitune_model::read_small_file(path, 1 << 20)?;
+            let text = phitune_model::io::read_small_file(path, 1 << 20)?;
             persona.extend(
                 text.lines()
                     .map(str::trim)

@@ -1,7 +1,7 @@
 //! `score`: per-token negative log-likelihood of a text.
 
 use anyhow::{Result, bail};
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use serde_json::json;
 
 use super::ModelSource;

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Result;
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 
 use crate::backend::{Job, dispatch};
 use crate::cli::TrainArgs;

@@ -2,7 +2,7 @@
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, ElementConversion, Int, Tensor, TensorData, backend::Backend};
-use phitune_model::nf4::{self, Nf4Backend, Nf4Host};
+use phitune_model::ops::{self, Nf4Backend, Nf4Host};
 
 pub fn host_weight(out: usize, inp: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
@@ -46,7 +46,7 @@ pub fn check_fused<AD: AutodiffBackend + Nf4Backend>(
         let (packed, absmax) = upload::<AD>(&q, device);
 
         // dequantize op
-        let deq = nf4::nf4_dequantize(packed.clone(), absmax.clone(), [out, inp]);
+        let deq = ops::nf4_dequantize(packed.clone(), absmax.clone(), [out, inp]);
         assert!(
             max_diff(deq, dense.clone()) == 0.0,
             "dequantize differs for {out}x{inp}"
@@ -55,7 +55,7 @@ pub fn check_fused<AD: AutodiffBackend + Nf4Backend>(
         let x = Tensor::<AD, 3>::random([1, m, inp], Distribution::Normal(0.0, 1.0), device)
             .require_grad();
         let r = Tensor::<AD, 3>::random([1, m, out], Distribution::Normal(0.0, 1.0), device);
-        let y = nf4::nf4_linear(x.clone(), packed, absmax, [out, inp]);
+        let y = ops::nf4_linear(x.clone(), packed, absmax, [out, inp]);
         let y_ref = x.clone().matmul(dense.clone().transpose().unsqueeze());
         let tol = 1e-4 * (inp as f32).sqrt();
         assert!(

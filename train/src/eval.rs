@@ -15,7 +15,7 @@ use phitune_data::prompt::Example;
 use phitune_data::split::{Split, split_of};
 use phitune_data::{LoadOptions, PersonaRow, Template, load_source};
 use phitune_model::generate::{GenerationConfig, generate};
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use phitune_model::sampling::SamplingConfig;
 use phitune_model::{Phi, PhiTokenizer};
 use serde::Serialize;

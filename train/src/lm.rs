@@ -10,8 +10,8 @@ use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use phitune_data::batch::collate;
 use phitune_data::prompt::{Example, IGNORE};
 use phitune_model::Phi;
-use phitune_model::fused::cross_entropy;
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
+use phitune_model::ops::cross_entropy;
 
 /// Phi with the training objective. `loss_scale` multiplies the loss before `backward` (1 /
 /// gradient-accumulation steps, so that accumulated gradients are those of the mean).

@@ -16,12 +16,12 @@ use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
-use burn::train::{Learner, SupervisedTraining, TrainingStrategy};
+use burn::train::{Learner, SupervisedTraining, TrainLoader, TrainingStrategy, ValidLoader};
 use phitune_data::batch::ExampleDataset;
 use phitune_data::prompt::Example;
 use phitune_data::split::{Split, split_of};
 use phitune_data::{LoadOptions, load_source};
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use phitune_model::phi::Quantization;
 use phitune_model::{Checkpoint, Phi, PhiTokenizer};
 use serde::Serialize;
@@ -137,7 +137,7 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         );
     }
 
-    let dir = phitune_model::hub::resolve_model(&config.model, config.revision.as_deref())?;
+    let dir = phitune_model::io::hub::resolve_model(&config.model, config.revision.as_deref())?;
     let ckpt = Checkpoint::open(&dir)?;
     let tok = PhiTokenizer::from_dir(&dir, ckpt.config())?;
     let pad_id = tok.eos_token_ids[0];
@@ -250,14 +250,62 @@ where
     AB::InnerBackend: Nf4Backend,
 {
     let started = Instant::now();
-    let c = p.config.clone();
+    let (learner, trainable, start_step) = set_up_learner::<AB>(&p, &device)?;
+    let (train_loader, valid_loader) = data_loaders::<AB>(&p, start_step, &device);
+    let mut log = MetricsLog::open(&p.out.join("metrics.jsonl"), start_step)?;
+    let valid_before = evaluate_base(&p, &learner, &valid_loader, &mut log, start_step)?;
+    let outcome = Arc::new(Mutex::new(None::<Outcome>));
+    let step_loop = StepLoop {
+        out: p.out.clone(),
+        config: p.config.clone(),
+        start_step,
+        stop_after: p.stop_after,
+        base_model: p.config.model.clone(),
+        plain: !p.dashboard,
+        elapsed_before: log.elapsed(),
+        log: Mutex::new(log),
+        outcome: outcome.clone(),
+        started,
+        data_fingerprint: checkpoint::data_fingerprint(&p.train),
+        evaluates: !p.valid.is_empty(),
+    };
+    let (training, interrupter) = build_training(&p, step_loop, train_loader, valid_loader);
+    announce(&p.config, trainable);
+    #[cfg(unix)]
+    let signals = stop_on_signals(interrupter);
+    #[cfg(not(unix))]
+    drop(interrupter);
+    let result = training.launch(learner);
+    #[cfg(unix)]
+    if let Some(handle) = signals {
+        handle.close();
+    }
+    let outcome = outcome
+        .lock()
+        .ok()
+        .and_then(|o| o.clone())
+        .context("the training loop did not report an outcome")?;
+    finish(&p, &outcome, &result.model, trainable, valid_before)
+}
+
+/// The model (the base as loaded, with fresh LoRA adapters), AdamW and the schedule, restored
+/// from the latest checkpoint when resuming: `(learner, trainable parameters, first step)`.
+fn set_up_learner<AB>(
+    p: &Prepared,
+    device: &AB::Device,
+) -> Result<(Learner<Components<AB>>, usize, usize)>
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    let c = &p.config;
     let quant = (c.quant == QuantMode::Nf4).then_some(Quantization {
         double_quant: c.double_quant,
     });
-    let phi = Phi::<AB>::load_with(&p.checkpoint, &device, quant)
+    let phi = Phi::<AB>::load_with(&p.checkpoint, device, quant)
         .with_context(|| format!("loading {}", p.checkpoint.dir().display()))?;
-    AB::seed(&device, c.seed);
-    let phi = phi.with_lora(&c.lora(), &device);
+    AB::seed(device, c.seed);
+    let phi = phi.with_lora(&c.lora(), device);
     let trainable: usize = burn::module::Module::num_params(&phi);
     let model = CausalLm::new(phi, 1.0 / c.grad_accum as f64, c.seed);
     let optim = AdamWConfig::new()
@@ -268,21 +316,31 @@ where
         .init::<AB, CausalLm<AB>>();
     let schedule = WarmupCosine::new(c.lr, c.warmup_steps(), c.max_steps);
     let mut learner: Learner<Components<AB>> = Learner::new(model, optim, schedule);
-
-    let start_step = match &p.resume_from {
-        Some((step, dir)) => {
-            learner.load_model(checkpoint::load_record(dir, checkpoint::MODEL, &device)?);
-            learner.load_optim(checkpoint::load_record(dir, checkpoint::OPTIM, &device)?);
-            learner.load_scheduler(checkpoint::load_record::<usize, AB>(
-                dir,
-                checkpoint::SCHEDULER,
-                &device,
-            )?);
-            eprintln!("resuming from {} (step {step})", dir.display());
-            *step
-        }
-        None => 0,
+    let Some((step, dir)) = &p.resume_from else {
+        return Ok((learner, trainable, 0));
     };
+    learner.load_model(checkpoint::load_record(dir, checkpoint::MODEL, device)?);
+    learner.load_optim(checkpoint::load_record(dir, checkpoint::OPTIM, device)?);
+    learner.load_scheduler(checkpoint::load_record::<usize, AB>(
+        dir,
+        checkpoint::SCHEDULER,
+        device,
+    )?);
+    eprintln!("resuming from {} (step {step})", dir.display());
+    Ok((learner, trainable, *step))
+}
+
+/// The training stream from `start_step`'s position on, and the held-out set.
+fn data_loaders<AB>(
+    p: &Prepared,
+    start_step: usize,
+    device: &AB::Device,
+) -> (TrainLoader<Components<AB>>, ValidLoader<Components<AB>>)
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    let c = &p.config;
     let seqs = c.sequences_per_step();
     let remaining = (c.max_steps - start_step) * seqs;
     let stream = TrainStream::new(
@@ -292,53 +350,64 @@ where
         remaining,
     );
     let batcher = LmBatcher { pad_id: p.pad_id };
-    let train_loader = DataLoaderBuilder::<AB, _, _>::new(batcher.clone())
+    let train = DataLoaderBuilder::<AB, _, _>::new(batcher.clone())
         .batch_size(c.micro_batch)
         .set_device(device.clone())
         .build(stream);
-    let valid_loader = DataLoaderBuilder::<AB::InnerBackend, _, _>::new(batcher)
+    let valid = DataLoaderBuilder::<AB::InnerBackend, _, _>::new(batcher)
         .batch_size(c.micro_batch)
         .set_device(device.clone())
         .build(EvalSet(p.valid.clone()));
+    (train, valid)
+}
 
-    // The base model's held-out loss, once, for the before/after comparison.
-    let mut log = MetricsLog::open(&p.out.join("metrics.jsonl"), start_step)?;
-    let elapsed_before = log.elapsed();
-    let mut valid_before = log
+/// The base model's held-out loss, once (kept from the log when resuming), for the
+/// before/after comparison.
+fn evaluate_base<AB>(
+    p: &Prepared,
+    learner: &Learner<Components<AB>>,
+    valid: &ValidLoader<Components<AB>>,
+    log: &mut MetricsLog,
+    start_step: usize,
+) -> Result<Option<f64>>
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    let logged = log
         .records
         .iter()
         .find(|r| r.split == "valid" && r.step == 0)
         .map(|r| r.loss);
-    if valid_before.is_none() && start_step == 0 && !p.valid.is_empty() {
-        eprintln!(
-            "evaluating the base model on {} held-out examples...",
-            p.valid.len()
-        );
-        let model = burn::module::AutodiffModule::valid(&learner.model());
-        let mut sum = LmStats::default();
-        for batch in valid_loader.iter() {
-            sum.add(&burn::train::InferenceStep::step(&model, batch));
-        }
-        log.append(metrics::Record::from_stats("valid", 0, &sum, 0.0))?;
-        valid_before = Some(sum.loss());
+    if logged.is_some() || start_step > 0 || p.valid.is_empty() {
+        return Ok(logged);
     }
+    eprintln!(
+        "evaluating the base model on {} held-out examples...",
+        p.valid.len()
+    );
+    let model = burn::module::AutodiffModule::valid(&learner.model());
+    let mut sum = LmStats::default();
+    for batch in valid.iter() {
+        sum.add(&burn::train::InferenceStep::step(&model, batch));
+    }
+    log.append(metrics::Record::from_stats("valid", 0, &sum, 0.0))?;
+    Ok(Some(sum.loss()))
+}
 
-    let outcome = Arc::new(Mutex::new(None::<Outcome>));
-    let step_loop = StepLoop {
-        out: p.out.clone(),
-        config: c.clone(),
-        start_step,
-        stop_after: p.stop_after,
-        base_model: c.model.clone(),
-        plain: !p.dashboard,
-        log: Mutex::new(log),
-        outcome: outcome.clone(),
-        started,
-        elapsed_before,
-        data_fingerprint: checkpoint::data_fingerprint(&p.train),
-        evaluates: !p.valid.is_empty(),
-    };
-    let training = SupervisedTraining::new(p.out.join("logs"), train_loader, valid_loader)
+/// burn-train's `SupervisedTraining` around our step loop: the dashboard's metrics and renderer
+/// (or none without a terminal), and the interrupter that signals stop it through.
+fn build_training<AB>(
+    p: &Prepared,
+    step_loop: StepLoop,
+    train: TrainLoader<Components<AB>>,
+    valid: ValidLoader<Components<AB>>,
+) -> (SupervisedTraining<Components<AB>>, burn::train::Interrupter)
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    let training = SupervisedTraining::new(p.out.join("logs"), train, valid)
         .metrics((
             Loss::default(),
             Perplexity::default(),
@@ -363,6 +432,10 @@ where
     } else {
         training.renderer(Quiet)
     };
+    (training, interrupter)
+}
+
+fn announce(c: &TrainConfig, trainable: usize) {
     eprintln!(
         "training: {} trainable parameters, {} optimizer steps of {} x {} sequences, lr {:e} (warmup {} steps, cosine), {}",
         trainable,
@@ -377,34 +450,20 @@ where
             "float base"
         }
     );
-    #[cfg(unix)]
-    let signals = stop_on_signals(interrupter);
-    let result = training.launch(learner);
-    #[cfg(unix)]
-    if let Some(handle) = signals {
-        handle.close();
-    }
-    let outcome = outcome
-        .lock()
-        .ok()
-        .and_then(|o| o.clone())
-        .context("the training loop did not report an outcome")?;
+}
 
+/// After the loop: the curves, the adapter as of the last step at the top of the output
+/// directory, and the summary (or the error that stopped the run).
+fn finish<B: Nf4Backend>(
+    p: &Prepared,
+    outcome: &Outcome,
+    model: &CausalLm<B>,
+    trainable: usize,
+    valid_before: Option<f64>,
+) -> Result<Summary> {
+    let c = &p.config;
     let records = metrics::read(&p.out.join("metrics.jsonl")).unwrap_or_default();
     write_curves(&p.out, &records)?;
-    let last_train = records.iter().rev().find(|r| r.split == "train");
-    let last_valid = records
-        .iter()
-        .rev()
-        .find(|r| r.split == "valid" && r.step > 0);
-    let trains: Vec<_> = records.iter().filter(|r| r.split == "train").collect();
-    let tps = {
-        let (tok, s) = trains
-            .iter()
-            .skip(1)
-            .fold((0usize, 0.0f64), |(t, s), r| (t + r.tokens, s + r.seconds));
-        (s > 0.0).then(|| tok as f64 / s)
-    };
     let status = match &outcome.stop {
         Stop::Completed => "completed".to_string(),
         Stop::StoppedAfter(n) => format!("stopped after step {n}"),
@@ -422,8 +481,7 @@ where
         }
         Stop::Failed(e) => bail!("training stopped: {e}"),
     };
-    // The adapter as of the last step, at the top of the output directory.
-    let adapter = result.model.phi.adapter(&c.lora(), Some(c.model.clone()));
+    let adapter = model.phi.adapter(&c.lora(), Some(c.model.clone()));
     let staging = p.out.join(".adapter.tmp");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).with_context(|| staging.display().to_string())?;
@@ -435,6 +493,16 @@ where
     }
     let _ = std::fs::remove_dir(&staging);
 
+    let last_train = records.iter().rev().find(|r| r.split == "train");
+    let last_valid = records
+        .iter()
+        .rev()
+        .find(|r| r.split == "valid" && r.step > 0);
+    let (tokens, seconds) = records
+        .iter()
+        .filter(|r| r.split == "train")
+        .skip(1)
+        .fold((0usize, 0.0f64), |(t, s), r| (t + r.tokens, s + r.seconds));
     let summary = Summary {
         out: p.out.clone(),
         status,
@@ -447,7 +515,7 @@ where
         valid_loss_before: valid_before,
         valid_loss: last_valid.map(|r| r.loss),
         valid_perplexity: last_valid.map(|r| r.perplexity),
-        tokens_per_second: tps,
+        tokens_per_second: (seconds > 0.0).then(|| tokens as f64 / seconds),
         seconds: records.last().map_or(0.0, |r| r.elapsed),
         adapter: p.out.clone(),
         last_checkpoint: outcome.last_checkpoint.clone(),

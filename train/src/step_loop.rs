@@ -20,7 +20,7 @@ use burn::train::{
     LearningComponentsMarker, SupervisedLearningStrategy, SupervisedTrainingEventProcessor,
     TrainLoader, TrainingComponents, TrainingItem, ValidLoader,
 };
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 
 use crate::checkpoint::{self, CheckpointState, Completion, EveryRequest, RecordFile};
 use crate::clip::clip_global_norm;

@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::adapter::Adapter;
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::safetensors::{Dtype, StreamWriter, f32_to_bytes};
+use crate::io::adapter::Adapter;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::safetensors::{Dtype, StreamWriter, dtype_bytes, f32_to_bytes};
 
 /// Files copied unchanged from the base model directory when present.
 const SIDE_FILES: &[&str] = &[
@@ -64,7 +64,7 @@ pub fn merge(
             )));
         }
     }
-    let tmp = crate::prepare_output_dir(out, overwrite)?;
+    let tmp = crate::io::prepare_output_dir(out, overwrite)?;
     let result = (|| {
         // Plan shards by bytes, keeping the checkpoint's tensor order.
         let mut shards: Vec<Vec<(String, Dtype, Vec<usize>)>> = vec![Vec::new()];
@@ -73,7 +73,7 @@ pub fn merge(
         for (name, shape) in &tensors {
             let stored = ckpt.info(name).map(|(_, i)| i.dtype).unwrap_or(Dtype::F32);
             let dtype = dtype.unwrap_or(stored);
-            let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+            let bytes = (shape.iter().product::<usize>() * dtype_bytes(dtype)) as u64;
             if size > 0 && size + bytes > max_shard_bytes {
                 shards.push(Vec::new());
                 size = 0;
@@ -93,7 +93,7 @@ pub fn merge(
                 format!("model-{:05}-of-{n:05}.safetensors", i + 1)
             }
         };
-        let bar = crate::progress_bar(tensors.len() as u64, "merging");
+        let bar = crate::io::progress_bar(tensors.len() as u64, "merging");
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let mut weight_map = BTreeMap::new();
         let mut merged = 0;
@@ -105,7 +105,7 @@ pub fn merge(
                 // With --quant nf4 every decoder-layer Linear weight becomes its dequantized NF4
                 // value, adapted or not: that is the model the adapter was trained with.
                 let quantized =
-                    quant.filter(|_| module.is_some_and(crate::adapter::is_adaptable_path));
+                    quant.filter(|_| module.is_some_and(crate::io::adapter::is_adaptable_path));
                 let bytes = if lora.is_none() && quantized.is_none() {
                     match ckpt.info(name) {
                         Some((_, i)) if i.dtype == *dtype => ckpt.read_raw(name)?,
@@ -114,7 +114,7 @@ pub fn merge(
                 } else {
                     let (mut values, shape) = ckpt.read_f32(name)?;
                     if let Some(q) = quantized {
-                        let host = crate::nf4::Nf4Host::quantize(
+                        let host = crate::ops::Nf4Host::quantize(
                             &values,
                             [shape[0], shape[1]],
                             q.double_quant,
@@ -155,5 +155,5 @@ pub fn merge(
             bytes: total,
         })
     })();
-    crate::finish_output_dir(&tmp, out, result)
+    crate::io::finish_output_dir(&tmp, out, result)
 }

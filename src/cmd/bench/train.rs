@@ -14,12 +14,13 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use phitune_model::lora::LoraConfig;
-use phitune_model::nf4::Nf4Backend;
+use phitune_model::ops::Nf4Backend;
 use phitune_model::phi::Quantization;
 use phitune_model::{Phi, PhiConfig};
 use phitune_train::lm::{CausalLm, LmBatch};
 use serde::Serialize;
 
+use super::measure::{GenReport, measure_generation, median, peak_rss_gib};
 use crate::backend::Job;
 use crate::cli::{BenchArgs, Quant};
 
@@ -55,8 +56,6 @@ impl Job for TrainBench<'_> {
         }
     }
 }
-
-use super::bench::{GenReport, measure_generation, median};
 
 fn run_on<AB>(args: &BenchArgs, config: &PhiConfig, device: AB::Device) -> Result<TrainReport>
 where
@@ -142,17 +141,4 @@ where
         step_times_s: steps,
         generation,
     })
-}
-
-/// VmHWM of this process (Linux).
-fn peak_rss_gib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / (1024.0 * 1024.0))
 }

@@ -1,76 +1,41 @@
-//! Reading and writing the safetensors format, validated before anything is allocated.
+//! Reading and writing the safetensors format through its reference implementation (the
+//! `safetensors` crate), validated before anything is allocated.
 //!
-//! We parse the header ourselves (an 8-byte little-endian length, then a JSON table of
-//! `name -> {dtype, shape, data_offsets}`) and read each tensor with a positioned read, so:
-//! - a header whose offsets, shapes or sizes are inconsistent with the file is rejected with the
-//!   tensor's name before any tensor memory is allocated;
+//! We read the 8-byte length and the header ourselves (bounded by [`MAX_HEADER_BYTES`] and the
+//! file's size) and let the crate's header types validate it: every tensor's byte size against
+//! its dtype and shape, without overflow, and offsets that tile the data exactly, without gaps
+//! or overlaps, up to the end of the file. Its `SafeTensors::read_metadata` would do the same
+//! but wants the whole file in memory; instead each tensor is read with a positioned read, so
+//! - a header inconsistent with the file is rejected, naming the tensor, before any tensor
+//!   memory is allocated;
 //! - only one tensor's bytes are in host memory at a time (no mmap, no second copy of a model).
+//!
+//! The writers build their header with the same types, so what we write is what we (and the
+//! crate) accept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+use ::safetensors::SafeTensorError;
+pub use ::safetensors::tensor::Dtype;
+use ::safetensors::tensor::{Metadata, TensorInfo as HeaderEntry};
+use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
 /// A header larger than this is refused (phi-2's are ~30 KB).
 pub const MAX_HEADER_BYTES: u64 = 64 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dtype {
-    F64,
-    F32,
-    F16,
-    BF16,
-    I64,
-    I32,
-    I16,
-    I8,
-    U8,
-    Bool,
+/// Bytes per element (every dtype we read or write is whole bytes).
+pub fn dtype_bytes(dtype: Dtype) -> usize {
+    dtype.bitsize() / 8
 }
 
-impl Dtype {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "F64" => Dtype::F64,
-            "F32" => Dtype::F32,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            "I64" => Dtype::I64,
-            "I32" => Dtype::I32,
-            "I16" => Dtype::I16,
-            "I8" => Dtype::I8,
-            "U8" => Dtype::U8,
-            "BOOL" => Dtype::Bool,
-            _ => return None,
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F64 => "F64",
-            Dtype::F32 => "F32",
-            Dtype::F16 => "F16",
-            Dtype::BF16 => "BF16",
-            Dtype::I64 => "I64",
-            Dtype::I32 => "I32",
-            Dtype::I16 => "I16",
-            Dtype::I8 => "I8",
-            Dtype::U8 => "U8",
-            Dtype::Bool => "BOOL",
-        }
-    }
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F64 | Dtype::I64 => 8,
-            Dtype::F32 | Dtype::I32 => 4,
-            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
-            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
-        }
-    }
-    pub fn is_float(self) -> bool {
-        matches!(self, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
-    }
+/// The float dtypes [`bytes_to_f32`] converts.
+pub fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
 }
 
 #[derive(Debug, Clone)]
@@ -159,12 +124,12 @@ impl SafetensorsFile {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor {name} not found")))?;
-        if !info.dtype.is_float() {
+        if !is_float(info.dtype) {
             return Err(Error::checkpoint(
                 &self.path,
                 format!(
                     "tensor {name} has dtype {}, expected a float type",
-                    info.dtype.name()
+                    info.dtype
                 ),
             ));
         }
@@ -173,91 +138,117 @@ impl SafetensorsFile {
     }
 }
 
+type Parsed = (BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+
+/// Validates a header with the crate's types; the error names the tensor at fault.
 fn parse_header(
     header: &[u8],
     data_start: u64,
     file_len: u64,
-) -> std::result::Result<(BTreeMap<String, TensorInfo>, BTreeMap<String, String>), String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(header).map_err(|e| format!("header is not JSON: {e}"))?;
-    let obj = value.as_object().ok_or("header is not a JSON object")?;
-    let data_len = file_len - data_start;
-    let mut tensors = BTreeMap::new();
-    let mut metadata = BTreeMap::new();
-    for (name, entry) in obj {
+) -> std::result::Result<Parsed, String> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => format!("header is not a JSON object: {e}"),
+            _ => format!("header is not JSON: {e}"),
+        })?;
+    let mut metadata = None;
+    let mut entries = Vec::with_capacity(object.len());
+    for (name, value) in object {
         if name == "__metadata__" {
-            let m = entry.as_object().ok_or("__metadata__ is not an object")?;
-            for (k, v) in m {
-                let v = v
-                    .as_str()
-                    .ok_or_else(|| format!("__metadata__.{k} is not a string"))?;
-                metadata.insert(k.clone(), v.to_string());
-            }
+            let m = HashMap::<String, String>::deserialize(&value)
+                .map_err(|e| format!("__metadata__ is not a map of strings: {e}"))?;
+            metadata = Some(m);
             continue;
         }
-        let e = entry
-            .as_object()
-            .ok_or_else(|| format!("entry for tensor {name} is not an object"))?;
-        let dtype_s = e
-            .get("dtype")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| format!("tensor {name} has no dtype"))?;
-        let dtype = Dtype::parse(dtype_s)
-            .ok_or_else(|| format!("tensor {name} has unsupported dtype {dtype_s}"))?;
-        let shape: Vec<usize> = e
-            .get("shape")
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| format!("tensor {name} has no shape"))?
-            .iter()
-            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-            .collect::<Option<_>>()
-            .ok_or_else(|| format!("tensor {name} has a shape that is not a list of sizes"))?;
-        let offsets = e
-            .get("data_offsets")
-            .and_then(|v| v.as_array())
-            .filter(|a| a.len() == 2)
-            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-            .ok_or_else(|| format!("tensor {name} has no valid data_offsets [start, end]"))?;
-        let nbytes = shape
-            .iter()
-            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| format!("tensor {name} shape {shape:?} overflows"))?;
-        let (s, en) = offsets;
-        if s > en || en > data_len {
-            return Err(format!(
-                "tensor {name} data_offsets [{s}, {en}] lie outside the {data_len} data bytes of the file"
-            ));
-        }
-        if en - s != nbytes {
-            return Err(format!(
-                "tensor {name} is {dtype_s} {shape:?} ({nbytes} bytes) but its data_offsets span {} bytes",
-                en - s
-            ));
-        }
-        tensors.insert(
-            name.clone(),
-            TensorInfo {
-                dtype,
-                shape,
-                start: data_start + s,
-                end: data_start + en,
-            },
-        );
+        let entry = entry(&name, &value)?;
+        check_size(&name, &entry)?;
+        entries.push((name, entry));
     }
-    let mut ranges: Vec<(u64, u64, &str)> = tensors
-        .iter()
-        .map(|(n, t)| (t.start, t.end, n.as_str()))
+    entries.sort_by_key(|(_, e)| e.data_offsets);
+    let names: Vec<String> = entries.iter().map(|(n, _)| n.clone()).collect();
+    let header = Metadata::new(metadata, entries).map_err(|e| match e {
+        SafeTensorError::InvalidOffset(name) => {
+            let at = names.iter().position(|n| *n == name);
+            match at.and_then(|i| i.checked_sub(1)) {
+                Some(prev) => format!(
+                    "tensor {name} does not start where tensor {} ends: data_offsets must tile the data, without gaps or overlaps",
+                    names[prev]
+                ),
+                None => format!("tensor {name} does not start at the beginning of the data"),
+            }
+        }
+        other => other.to_string(),
+    })?;
+    let data_len = file_len - data_start;
+    let end = header.data_len() as u64;
+    if end > data_len {
+        return Err(format!(
+            "tensor data end at byte {end}, outside the {data_len} data bytes of the file"
+        ));
+    }
+    if end < data_len {
+        return Err(format!(
+            "the file has {} bytes after the last tensor",
+            data_len - end
+        ));
+    }
+    let tensors = header
+        .tensors()
+        .into_iter()
+        .map(|(name, e)| {
+            let (s, en) = e.data_offsets;
+            let info = TensorInfo {
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                start: data_start + s as u64,
+                end: data_start + en as u64,
+            };
+            (name, info)
+        })
         .collect();
-    ranges.sort();
-    for w in ranges.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Err(format!(
-                "tensors {} and {} overlap in the file",
-                w[0].2, w[1].2
-            ));
-        }
-    }
+    let metadata = header
+        .metadata()
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Ok((tensors, metadata))
+}
+
+/// One tensor's `{dtype, shape, data_offsets}`.
+fn entry(name: &str, value: &serde_json::Value) -> std::result::Result<HeaderEntry, String> {
+    serde_path_to_error::deserialize::<_, HeaderEntry>(value).map_err(|e| {
+        let field = e.path().iter().next().map(|s| s.to_string());
+        match field.as_deref() {
+            Some("dtype") => format!("tensor {name} has unsupported dtype {}", value["dtype"]),
+            Some(field) => format!("tensor {name} has an invalid {field}: {}", e.inner()),
+            None => format!("entry for tensor {name} is not valid: {}", e.inner()),
+        }
+    })
+}
+
+/// The crate's check of one tensor alone: its byte size against its dtype and shape.
+fn check_size(name: &str, entry: &HeaderEntry) -> std::result::Result<(), String> {
+    let (s, e) = entry.data_offsets;
+    let span = e.checked_sub(s).ok_or_else(|| {
+        format!("tensor {name} has data_offsets [{s}, {e}] that end before they start")
+    })?;
+    let alone = HeaderEntry {
+        data_offsets: (0, span),
+        ..entry.clone()
+    };
+    Metadata::new(None, vec![(name.to_string(), alone)])
+        .map(|_| ())
+        .map_err(|err| match err {
+            SafeTensorError::TensorInvalidInfo => format!(
+                "tensor {name} is {} {:?} but its data_offsets span {span} bytes",
+                entry.dtype, entry.shape
+            ),
+            SafeTensorError::ValidationOverflow => {
+                format!("tensor {name} shape {:?} overflows", entry.shape)
+            }
+            other => format!("tensor {name}: {other}"),
+        })
 }
 
 #[cfg(unix)]
@@ -280,7 +271,7 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
-/// Converts little-endian float bytes of any supported float dtype to f32.
+/// Converts little-endian float bytes of a dtype [`is_float`] accepts to f32.
 pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
     match dtype {
         Dtype::F32 => bytes
@@ -299,7 +290,7 @@ pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
             .collect(),
-        other => panic!("bytes_to_f32 called with non-float dtype {}", other.name()),
+        other => panic!("bytes_to_f32 called with non-float dtype {other}"),
     }
 }
 
@@ -319,7 +310,7 @@ pub fn f32_to_bytes(values: &[f32], dtype: Dtype) -> Vec<u8> {
             .iter()
             .flat_map(|v| (*v as f64).to_le_bytes())
             .collect(),
-        other => panic!("f32_to_bytes called with non-float dtype {}", other.name()),
+        other => panic!("f32_to_bytes called with non-float dtype {other}"),
     }
 }
 
@@ -331,32 +322,33 @@ pub struct TensorOut<'a> {
     pub data: std::borrow::Cow<'a, [u8]>,
 }
 
-/// Builds the header for tensors written in the given order.
+/// The header for tensors written in the given order, built and validated by the crate's
+/// types and padded with spaces to a multiple of 8 bytes (as the crate pads).
 fn header_bytes(
+    path: &Path,
     entries: &[(&str, Dtype, &[usize])],
     metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).unwrap(),
-        );
-    }
-    let mut offset = 0u64;
-    for (name, dtype, shape) in entries {
-        let end = offset + (shape.iter().product::<usize>() * dtype.size()) as u64;
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut bytes = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while !bytes.len().is_multiple_of(8) {
-        bytes.push(b' ');
-    }
-    bytes
+) -> Result<Vec<u8>> {
+    let mut offset = 0usize;
+    let tensors = entries
+        .iter()
+        .map(|&(name, dtype, shape)| {
+            let end = offset + shape.iter().product::<usize>() * dtype_bytes(dtype);
+            let entry = HeaderEntry {
+                dtype,
+                shape: shape.to_vec(),
+                data_offsets: (offset, end),
+            };
+            offset = end;
+            (name.to_string(), entry)
+        })
+        .collect();
+    let metadata = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let invalid = |e: String| Error::Invalid(format!("{}: {e}", path.display()));
+    let header = Metadata::new(metadata, tensors).map_err(|e| invalid(e.to_string()))?;
+    let mut bytes = serde_json::to_vec(&header).map_err(|e| invalid(e.to_string()))?;
+    bytes.resize(bytes.len().next_multiple_of(8), b' ');
+    Ok(bytes)
 }
 
 /// Writes a safetensors file (tensors in name order) to `path` via a temporary file and a
@@ -369,13 +361,13 @@ pub fn write(
     let mut order: Vec<&TensorOut> = tensors.iter().collect();
     order.sort_by(|a, b| a.name.cmp(&b.name));
     for t in &order {
-        if t.shape.iter().product::<usize>() * t.dtype.size() != t.data.len() {
+        if t.shape.iter().product::<usize>() * dtype_bytes(t.dtype) != t.data.len() {
             return Err(Error::Invalid(format!(
                 "tensor {} has {} bytes of data for shape {:?} {}",
                 t.name,
                 t.data.len(),
                 t.shape,
-                t.dtype.name()
+                t.dtype
             )));
         }
     }
@@ -383,8 +375,8 @@ pub fn write(
         .iter()
         .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
         .collect();
-    let header = header_bytes(&entries, metadata);
-    crate::atomic_write(path, |f| {
+    let header = header_bytes(path, &entries, metadata)?;
+    crate::io::atomic_write(path, |f| {
         f.write_all(&(header.len() as u64).to_le_bytes())?;
         f.write_all(&header)?;
         for t in &order {
@@ -414,7 +406,7 @@ impl StreamWriter {
             .iter()
             .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
             .collect();
-        let header = header_bytes(&refs, metadata);
+        let header = header_bytes(path, &refs, metadata)?;
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())
@@ -425,7 +417,7 @@ impl StreamWriter {
             out,
             expected: entries
                 .iter()
-                .map(|(n, d, s)| (n.clone(), s.iter().product::<usize>() * d.size()))
+                .map(|(n, d, s)| (n.clone(), s.iter().product::<usize>() * dtype_bytes(*d)))
                 .collect(),
             next: 0,
         })
@@ -490,7 +482,7 @@ mod tests {
         let tensors: Vec<TensorOut> = [Dtype::F32, Dtype::F16, Dtype::BF16]
             .iter()
             .map(|&d| TensorOut {
-                name: format!("t.{}", d.name()),
+                name: format!("t.{d}"),
                 dtype: d,
                 shape: vec![2, 2],
                 data: Cow::Owned(f32_to_bytes(&vals, d)),
@@ -511,6 +503,51 @@ mod tests {
                 assert!((a - b).abs() <= b.abs() * 4e-3, "{d}: {a} vs {b}");
             }
         }
+        // The format's reference reader accepts what we wrote, with the same tensors.
+        let bytes = std::fs::read(&p).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), 3);
+        let view = st.tensor("t.BF16").unwrap();
+        assert_eq!(view.dtype(), Dtype::BF16);
+        assert_eq!(view.shape(), [2, 2]);
+        assert_eq!(view.data(), f32_to_bytes(&vals, Dtype::BF16));
+    }
+
+    #[test]
+    fn stream_writer_output_equals_write() {
+        let (a, b) = (tmp("stream-a"), tmp("stream-b"));
+        let meta = BTreeMap::from([("format".into(), "pt".into())]);
+        let x = f32_to_bytes(&[1.0, 2.0, 3.0], Dtype::F16);
+        let y = f32_to_bytes(&[4.0], Dtype::F32);
+        write(
+            &a,
+            &[
+                TensorOut {
+                    name: "x".into(),
+                    dtype: Dtype::F16,
+                    shape: vec![3],
+                    data: Cow::Borrowed(&x),
+                },
+                TensorOut {
+                    name: "y".into(),
+                    dtype: Dtype::F32,
+                    shape: vec![1, 1],
+                    data: Cow::Borrowed(&y),
+                },
+            ],
+            &meta,
+        )
+        .unwrap();
+        let entries = [
+            ("x".to_string(), Dtype::F16, vec![3]),
+            ("y".to_string(), Dtype::F32, vec![1, 1]),
+        ];
+        let mut w = StreamWriter::create(&b, &entries, &meta).unwrap();
+        w.write_tensor("x", &x).unwrap();
+        assert!(w.write_tensor("x", &x).is_err(), "out of order");
+        w.write_tensor("y", &y).unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     }
 
     #[test]
@@ -563,5 +600,37 @@ mod tests {
         std::fs::write(&p, b"abc").unwrap();
         let e = SafetensorsFile::open(&p).unwrap_err().to_string();
         assert!(e.contains("only 3 bytes"), "{e}");
+    }
+
+    #[test]
+    fn gaps_and_trailing_bytes_are_refused_as_the_reference_reader_does() {
+        let p = tmp("gaps");
+        let cases = [
+            // A gap between two tensors.
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+                12,
+                "does not start where tensor a ends",
+            ),
+            // Data not starting at the beginning.
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+                "beginning of the data",
+            ),
+            // Bytes after the last tensor.
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                9,
+                "5 bytes after the last tensor",
+            ),
+        ];
+        for (header, len, want) in cases {
+            raw_file(&p, header, len);
+            let e = SafetensorsFile::open(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{header}: {e}");
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(::safetensors::SafeTensors::deserialize(&bytes).is_err());
+        }
     }
 }

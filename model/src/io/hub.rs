@@ -233,7 +233,7 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     }
     let weights = if has(INDEX) {
         let index = repo.get(INDEX)?;
-        for shard in crate::checkpoint::index_shards(&index)? {
+        for shard in crate::io::checkpoint::index_shards(&index)? {
             repo.get(&shard)?;
         }
         index
@@ -266,7 +266,7 @@ fn cached_model_complete(repo: &HubRepo) -> Option<PathBuf> {
         return None;
     }
     if dir.join(INDEX).is_file() {
-        let shards = crate::checkpoint::index_shards(&dir.join(INDEX)).ok()?;
+        let shards = crate::io::checkpoint::index_shards(&dir.join(INDEX)).ok()?;
         shards.iter().all(|s| dir.join(s).is_file()).then_some(dir)
     } else {
         dir.join(SINGLE).is_file().then_some(dir)

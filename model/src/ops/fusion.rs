@@ -1,5 +1,6 @@
 //! `Fusion<B>` (what `burn::backend::Cuda`/`Wgpu` are with fusion on): each NF4 op is
-//! registered as a custom operation that runs the inner backend's implementation.
+//! registered as a custom operation that runs the inner backend's implementation. The fused
+//! element-wise ops take their tensor-op defaults, which Burn's fusion compiles itself.
 
 use burn::tensor::Element;
 use burn::tensor::Shape;
@@ -8,7 +9,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use super::Nf4Backend;
+use super::{FusedOps, Nf4Backend};
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -154,3 +155,5 @@ fn register<B: FusionBackend + Nf4Backend>(
         .register(streams, OperationIr::Custom(desc), op)
         .output()
 }
+
+impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {}

@@ -1,6 +1,6 @@
-//! CubeCL implementation (CUDA, wgpu, ROCm): `#[cube]` kernels over the packed codes. The
-//! matmul kernels decode each weight on the fly and accumulate in f32, so no dense weight is
-//! ever written to device memory.
+//! NF4 on CubeCL: `#[cube]` kernels over the packed codes and their launchers. The matmul
+//! kernels decode each weight on the fly and accumulate in f32, so no dense weight is ever
+//! written to device memory.
 
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{DType, Shape, TensorData};
@@ -9,7 +9,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::{BLOCK, NF4_CODE, Nf4Backend};
+use crate::ops::{BLOCK, NF4_CODE, Nf4Backend};
 
 mod kernels {
     use cubecl::{cube, prelude::*};

@@ -9,8 +9,8 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
+use crate::io::safetensors::{Dtype, SafetensorsFile, TensorOut, f32_to_bytes};
 use crate::lora::{LoraConfig, TARGETABLE};
-use crate::safetensors::{Dtype, SafetensorsFile, TensorOut, f32_to_bytes};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -238,7 +238,7 @@ impl Adapter {
         }
         let (mut config, base, targets) = parse_config(
             &config_path,
-            &crate::read_small_file(&config_path, 1 << 20)?,
+            &crate::io::read_small_file(&config_path, 1 << 20)?,
         )?;
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.is_file() {
@@ -416,9 +416,9 @@ impl Adapter {
             })
             .collect();
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        crate::safetensors::write(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
+        crate::io::safetensors::write(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
         let text = serde_json::to_string_pretty(&config).expect("serializable");
-        crate::atomic_write(&dir.join(CONFIG_FILE), |f| {
+        crate::io::atomic_write(&dir.join(CONFIG_FILE), |f| {
             use std::io::Write;
             f.write_all(text.as_bytes())
         })

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
-use crate::safetensors::{Dtype, SafetensorsFile, TensorInfo};
+use crate::io::safetensors::{Dtype, SafetensorsFile, TensorInfo, is_float};
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
@@ -31,7 +31,7 @@ pub fn index_shards(index_path: &Path) -> Result<Vec<String>> {
 }
 
 fn read_index(index_path: &Path) -> Result<BTreeMap<String, String>> {
-    let text = crate::read_small_file(index_path, MAX_INDEX_BYTES)?;
+    let text = crate::io::read_small_file(index_path, MAX_INDEX_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::checkpoint(index_path, format!("invalid JSON: {e}")))?;
     let map = v
@@ -160,12 +160,12 @@ impl Checkpoint {
                     ),
                 ));
             }
-            if !info.dtype.is_float() {
+            if !is_float(info.dtype) {
                 return Err(Error::checkpoint(
                     self.shards[i].path(),
                     format!(
                         "tensor {name} has dtype {}, expected F16, BF16 or F32",
-                        info.dtype.name()
+                        info.dtype
                     ),
                 ));
             }

@@ -1,0 +1,262 @@
+//! The backend extension: how each backend computes the model's heavy ops.
+//!
+//! Two traits over Burn's `Backend`, each op with a tensor-op default ([`reference`]):
+//!
+//! - [`Nf4Backend`]: frozen base weights, stored `[out, in]` (PyTorch's layout) and applied as
+//!   `x @ W^T`: NF4 4-bit weights (QLoRA), which take the packed codes and absmax so the dense
+//!   weight is never materialised (except by `nf4_dequantize`, for merging and tests), and dense
+//!   frozen weights. It is the one bound the model code needs (it implies [`FusedOps`]).
+//! - [`FusedOps`]: element-wise work in one pass forward and one backward, where Burn's
+//!   tensor-op forms walk their tensors once per op and allocate a temporary each time: the
+//!   language-model cross-entropy over the vocabulary, `gelu_new`, the rotary embedding and
+//!   dropout with a mask hashed from a seed and the element index.
+//!
+//! One file or folder per backend:
+//!
+//! | file | backend |
+//! |---|---|
+//! | `reference.rs` | the tensor-op forms: every op's default, and what the kernels are tested against |
+//! | `ndarray/` | the CPU (`NdArray`): one file per op (`nf4.rs`, `cross_entropy.rs`, `gelu.rs`, `rope.rs`, `dropout.rs`), multi-threaded, no copies of weights |
+//! | `cube/` | CubeCL (CUDA, wgpu): `#[cube]` kernels and their launchers (feature `cube`) |
+//! | `fusion.rs` | `Fusion<B>` (what `Cuda`/`Wgpu` are with fusion on): each op registered as a custom operation |
+//! | `autodiff.rs` | `Autodiff<B>`: the hand-written backwards of every op |
+//! | `nf4_format.rs` | NF4's host format: quantize, double quant, bitsandbytes' layout, export |
+
+mod autodiff;
+#[cfg(feature = "cube")]
+mod cube;
+#[cfg(feature = "cube")]
+mod fusion;
+mod ndarray;
+pub mod nf4_format;
+pub mod reference;
+#[cfg(test)]
+mod tests;
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Shape, Tensor, TensorPrimitive, backend::Backend};
+
+pub use nf4_format::{Absmax, BLOCK, NF4_CODE, Nf4Host};
+
+/// Frozen-weight linear algebra. `w` is always `[out, in]`; the NF4 form is 8 codes per
+/// 32-bit int element (element i in bits `4*(i%8)` of element `i/8`) plus one f32 absmax per
+/// 64 consecutive values of the row-major weight.
+pub trait Nf4Backend: FusedOps {
+    /// `dequant(W)`, `[out, in]`.
+    fn nf4_dequantize(
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: [usize; 2],
+    ) -> FloatTensor<Self>;
+
+    /// `x [m, in] @ dequant(W)^T -> [m, out]`.
+    fn nf4_matmul(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: [usize; 2],
+    ) -> FloatTensor<Self> {
+        let w = Self::nf4_dequantize(packed, absmax, shape);
+        Self::float_matmul(x, Self::float_transpose(w))
+    }
+
+    /// `dy [m, out] @ dequant(W) -> [m, in]` (the input gradient).
+    fn nf4_matmul_t(
+        dy: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: [usize; 2],
+    ) -> FloatTensor<Self> {
+        let w = Self::nf4_dequantize(packed, absmax, shape);
+        Self::float_matmul(dy, w)
+    }
+
+    /// `x [m, in] @ W^T -> [m, out]` for a frozen dense `W [out, in]`.
+    fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, Self::float_transpose(w))
+    }
+
+    /// `dy [m, out] @ W -> [m, in]`.
+    fn frozen_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(dy, w)
+    }
+}
+
+/// Per-row results of [`FusedOps::cross_entropy`].
+pub struct CrossEntropy<B: Backend> {
+    /// `-log softmax(logits)[target]`, 0 where the target is negative (ignored), `[n]`.
+    pub nll: FloatTensor<B>,
+    /// `log sum exp(logits)`, `[n]` (what the backward needs).
+    pub lse: FloatTensor<B>,
+    /// Index of the largest logit (the first on ties), `[n]`.
+    pub argmax: IntTensor<B>,
+}
+
+/// Fused element-wise ops. Each default is the tensor-op form in [`reference`].
+pub trait FusedOps: Backend {
+    /// Cross-entropy of f32 `logits [n, vocab]` against `targets [n]`; a negative target is
+    /// ignored. Only `nll` is differentiable (with respect to the logits).
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> CrossEntropy<Self> {
+        reference::cross_entropy::<Self>(logits, targets)
+    }
+
+    /// `d nll / d logits` for an upstream gradient `grad [n]`:
+    /// `(softmax(logits) - onehot(target)) * grad`, rows with a negative target zero.
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+    }
+
+    /// `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, element-wise.
+    fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::gelu_tanh::<Self>(x)
+    }
+
+    /// `grad * gelu_tanh'(x)`.
+    fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::gelu_tanh_backward::<Self>(x, grad)
+    }
+
+    /// Rotary embedding of `x [batch, seq, heads, head_dim]` with `cos`/`sin` tables
+    /// `[seq, dim]` (HF's rotate_half layout on the first `dim` channels of each head; the rest
+    /// pass through). `inverse` rotates by the negated angles: the backward of the forward.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        reference::rope::<Self>(x, cos, sin, inverse)
+    }
+
+    /// Whether [`FusedOps::dropout_seeded`] is implemented (else dropout uses Burn's ops).
+    fn has_seeded_dropout() -> bool {
+        false
+    }
+
+    /// Inverted dropout whose mask is a hash of `(seed, element index)`: `x / (1 - p)` where
+    /// kept, 0 elsewhere. The same seed gives the same mask, so the backward is this op applied
+    /// to the gradient and no mask is stored.
+    fn dropout_seeded(x: FloatTensor<Self>, _p: f64, _seed: u64) -> FloatTensor<Self> {
+        x
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops on Burn tensors, as the model calls them.
+
+/// `x [..., in] -> [..., out]` through a frozen dense `[out, in]` weight.
+pub fn frozen_linear<B: Nf4Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    let [out, _] = w.dims();
+    apply_2d(x, out, |x2| {
+        B::frozen_matmul(x2, w.into_primitive().tensor())
+    })
+}
+
+/// `x [..., in] -> [..., out]` through an NF4 weight.
+pub fn nf4_linear<B: Nf4Backend, const D: usize>(
+    x: Tensor<B, D>,
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    shape: [usize; 2],
+) -> Tensor<B, D> {
+    apply_2d(x, shape[0], |x2| {
+        B::nf4_matmul(
+            x2,
+            packed.into_primitive(),
+            absmax.into_primitive().tensor(),
+            shape,
+        )
+    })
+}
+
+/// The dense `[out, in]` weight of an NF4 weight.
+pub fn nf4_dequantize<B: Nf4Backend>(
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    shape: [usize; 2],
+) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::nf4_dequantize(
+        packed.into_primitive(),
+        absmax.into_primitive().tensor(),
+        shape,
+    )))
+}
+
+fn apply_2d<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    out: usize,
+    f: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m: usize = dims[..D - 1].iter().product();
+    let x2: Tensor<B, 2> = x.reshape([m, k]);
+    let y: Tensor<B, 2> =
+        Tensor::from_primitive(TensorPrimitive::Float(f(x2.into_primitive().tensor())));
+    let mut out_dims = dims;
+    out_dims[D - 1] = out;
+    y.reshape(Shape::from(out_dims.to_vec()))
+}
+
+/// Rotary embedding of `x [batch, seq, heads, head_dim]`; see [`FusedOps::rope`].
+pub fn rope<B: FusedOps>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::rope(
+        x.into_primitive().tensor(),
+        cos.clone().into_primitive().tensor(),
+        sin.clone().into_primitive().tensor(),
+        false,
+    )))
+}
+
+/// Training-time dropout (identity outside autodiff or for `p == 0`), as Burn's `Dropout`.
+pub fn dropout<B: FusedOps, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    if p == 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    if B::has_seeded_dropout() {
+        // The seed comes from the backend's generator, so `B::seed` makes masks reproducible.
+        let draws = Tensor::<B, 1>::random(
+            [2],
+            burn::tensor::Distribution::Uniform(0.0, 16_777_216.0),
+            &x.device(),
+        )
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default();
+        let seed = draws.iter().fold(0u64, |s, &d| (s << 24) | d as u64);
+        return Tensor::from_primitive(TensorPrimitive::Float(B::dropout_seeded(
+            x.into_primitive().tensor(),
+            p,
+            seed,
+        )));
+    }
+    burn::nn::DropoutConfig::new(p).init().forward(x)
+}
+
+/// `gelu_new` (the tanh approximation), any shape.
+pub fn gelu_tanh<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::gelu_tanh(
+        x.into_primitive().tensor(),
+    )))
+}
+
+/// Cross-entropy over the last dimension: `(nll [n], argmax [n])` for `logits [n, vocab]`.
+pub fn cross_entropy<B: FusedOps>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+    let out = B::cross_entropy(logits.into_primitive().tensor(), targets.into_primitive());
+    (
+        Tensor::from_primitive(TensorPrimitive::Float(out.nll)),
+        Tensor::from_primitive(out.argmax),
+    )
+}

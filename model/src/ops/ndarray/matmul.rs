@@ -1,0 +1,94 @@
+//! Dense products against a frozen `W [n, k]` (row-major, PyTorch's `[out, in]`): matrixmultiply's
+//! sgemm, and a dot-product path for a handful of rows (decoding).
+
+use rayon::prelude::*;
+
+/// `c[m, n] (+)= a[m, k] @ b` where `b` is addressed with strides (rsb, csb).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+    rsb: isize,
+    csb: isize,
+    c: &mut [f32],
+    rsc: isize,
+    beta: f32,
+) {
+    assert!(m > 0 && k > 0 && n > 0);
+    assert!(a.len() >= m * k && c.len() >= (m - 1) * rsc as usize + n);
+    assert!(
+        rsb > 0 && csb > 0 && b.len() as isize > (k as isize - 1) * rsb + (n as isize - 1) * csb
+    );
+    // SAFETY: matrixmultiply reads a as [m, k] row-major, b as [k, n] with the given (positive)
+    // strides and writes c as [m, n] with row stride rsc; the assertions above bound the last
+    // element of each, so every access is inside the slices.
+    #[allow(unsafe_code)]
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            rsc,
+            1,
+        );
+    }
+}
+
+/// `x [m, k] @ W^T -> [m, n]`.
+pub(super) fn frozen_matmul(xs: &[f32], ws: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    if m <= 2 {
+        // Matrix-vector products: sgemm would pack all of W for a handful of rows.
+        for i in 0..m {
+            let xr = &xs[i * k..(i + 1) * k];
+            out[i * n..(i + 1) * n]
+                .par_chunks_mut(64)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        *o = dot(xr, &ws[(c * 64 + j) * k..][..k]);
+                    }
+                });
+        }
+    } else {
+        sgemm(m, k, n, xs, ws, 1, k as isize, &mut out, n as isize, 0.0);
+    }
+    out
+}
+
+/// `dy [m, n] @ W -> [m, k]`.
+pub(super) fn frozen_matmul_t(dys: &[f32], ws: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * k];
+    sgemm(m, n, k, dys, ws, k as isize, 1, &mut out, k as isize, 0.0);
+    out
+}
+
+/// Dot product with 8 independent accumulators (vectorizes).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}

@@ -1,0 +1,119 @@
+//! The tensor-op forms of the fused ops, from Burn's generic tensor ops: the defaults of
+//! [`FusedOps`](super::FusedOps) (what a backend without its own kernel runs) and the
+//! definitions the kernels are tested against.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive};
+
+use super::CrossEntropy;
+
+/// `sqrt(2 / pi)`.
+pub(crate) const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic coefficient of `gelu_new`.
+pub(crate) const GELU_C: f32 = 0.044_715;
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> CrossEntropy<B> {
+    let logits: Tensor<B, 2> = float(logits);
+    let targets: Tensor<B, 1, Int> = Tensor::from_primitive(targets);
+    let [n, _] = logits.dims();
+    let max = logits.clone().max_dim(1);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let keep = targets
+        .clone()
+        .greater_equal_elem(0)
+        .float()
+        .reshape([n, 1]);
+    let picked = logits
+        .clone()
+        .gather(1, targets.clamp_min(0).reshape([n, 1]));
+    let nll = (lse.clone() - picked) * keep;
+    CrossEntropy {
+        nll: nll.reshape([n]).into_primitive().tensor(),
+        lse: lse.reshape([n]).into_primitive().tensor(),
+        argmax: logits.argmax(1).reshape([n]).into_primitive(),
+    }
+}
+
+pub fn cross_entropy_backward<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits: Tensor<B, 2> = float(logits);
+    let targets: Tensor<B, 1, Int> = Tensor::from_primitive(targets);
+    let [n, _] = logits.dims();
+    let keep = targets.clone().greater_equal_elem(0).float();
+    let g = (float::<B, 1>(grad) * keep).reshape([n, 1]);
+    let lse = float::<B, 1>(lse).reshape([n, 1]);
+    let softmax = (logits - lse).exp() * g.clone();
+    softmax
+        .scatter(
+            1,
+            targets.clamp_min(0).reshape([n, 1]),
+            g.neg(),
+            IndexingUpdateOp::Add,
+        )
+        .into_primitive()
+        .tensor()
+}
+
+pub fn rope<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    inverse: bool,
+) -> FloatTensor<B> {
+    let x: Tensor<B, 4> = float(x);
+    let cos: Tensor<B, 2> = float(cos);
+    let sin: Tensor<B, 2> = float(sin);
+    let sin = if inverse { sin.neg() } else { sin };
+    let [_, s, _, head_dim] = x.dims();
+    let dim = cos.dims()[1];
+    let half = dim / 2;
+    let x_rot = x.clone().narrow(3, 0, dim);
+    let x1 = x_rot.clone().narrow(3, 0, half);
+    let x2 = x_rot.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.reshape([1, s, 1, dim]);
+    let sin = sin.reshape([1, s, 1, dim]);
+    let out = x_rot * cos + rotated * sin;
+    let out = if dim == head_dim {
+        out
+    } else {
+        Tensor::cat(vec![out, x.narrow(3, dim, head_dim - dim)], 3)
+    };
+    out.into_primitive().tensor()
+}
+
+/// Any shape, flattened.
+fn flat<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
+    let n = t.shape().num_elements();
+    Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)).reshape([n])
+}
+
+fn shaped_like<B: Backend>(t: Tensor<B, 1>, like: &FloatTensor<B>) -> FloatTensor<B> {
+    B::float_reshape(t.into_primitive().tensor(), like.shape())
+}
+
+pub fn gelu_tanh<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let like = x.clone();
+    let y = burn::tensor::activation::gelu_approximate(flat::<B>(x));
+    shaped_like(y, &like)
+}
+
+pub fn gelu_tanh_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let like = x.clone();
+    let x = flat::<B>(x);
+    let x2 = x.clone() * x.clone();
+    let t = ((x.clone() + x2.clone() * x.clone() * GELU_C) * SQRT_2_OVER_PI).tanh();
+    let dt = (t.clone() * t.clone()).neg() + 1.0;
+    let du = (x2 * (3.0 * GELU_C) + 1.0) * SQRT_2_OVER_PI;
+    let d = (t + 1.0) * 0.5 + x * dt * du * 0.5;
+    shaped_like(d * flat::<B>(grad), &like)
+}
