@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_one_line_error, copy_fixture, fixtures, phitune, scratch, stdout};
+use common::{assert_one_line_error, copy_fixture, fixtures, phitune, scratch, stderr, stdout};
 
 fn tiny() -> String {
     fixtures().join("tiny-phi").display().to_string()
@@ -79,6 +79,58 @@ fn generate_json_matches_hf_greedy() {
     ]);
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["tokens"], case["new_tokens"]);
+}
+
+/// `--max-new-tokens` past the model's context stops at the context and says so; a prompt that
+/// alone fills the context is refused.
+#[test]
+fn generate_stops_at_the_models_context() {
+    let dir = copy_fixture("tiny-phi", "tiny-phi-48-positions");
+    let config = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["max_position_embeddings"] = 48.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    let model = dir.display().to_string();
+    let prompt = "i have a dog named";
+    let o = phitune(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1.3",
+        "--max-new-tokens",
+        "100000",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("--max-new-tokens 100000: generating at most"),
+        "{err}"
+    );
+    assert!(err.contains("context of 48 positions"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let prompt_len: usize = err
+        .split("the prompt (")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the prompt's length on stderr");
+    let new = v["tokens"].as_array().unwrap().len();
+    assert!(
+        new >= 1 && prompt_len + new <= 48,
+        "{prompt_len} + {new} tokens"
+    );
+    let long = "i have a dog named max and he likes to run in the park every day ".repeat(4);
+    assert_one_line_error(
+        &phitune(&["generate", "--model", &model, "--prompt", &long]),
+        "the model's context is 48 positions",
+    );
 }
 
 #[test]
@@ -230,6 +282,47 @@ fn missing_model_and_bad_hub_ids() {
         &phitune(&["score", "--model", &file, "--text", "a b"]),
         "not a file",
     );
+}
+
+/// Runs the binary online (HF_HUB_OFFLINE unset) against a hub at `endpoint`, with an empty
+/// cache.
+fn phitune_with_endpoint(args: &[&str], endpoint: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_phitune"))
+        .args(args)
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HOME", scratch("hf-home-unreachable"))
+        .env("HF_ENDPOINT", endpoint)
+        .output()
+        .expect("run phitune")
+}
+
+/// A hub that cannot be reached (nothing listens; a name that never resolves) and a model or
+/// data set that is not in the cache: one line that says so and gives the fix, not the HTTP
+/// client's message.
+#[test]
+fn an_unreachable_hub_is_explained() {
+    let data = fixtures().join("../../data/samples/persona_chat_sample.jsonl");
+    let data = data.display().to_string();
+    for endpoint in ["http://127.0.0.1:9", "http://hub.invalid"] {
+        let o = phitune_with_endpoint(&["data", "--data", &data], endpoint);
+        assert_one_line_error(&o, "microsoft/phi-2 is not in the HF cache");
+        let err = stderr(&o);
+        assert!(
+            err.contains("the hub is unreachable") && err.contains("pass --model DIR, or connect"),
+            "{err}"
+        );
+        let tiny = fixtures().join("tiny-phi").display().to_string();
+        let o = phitune_with_endpoint(
+            &["data", "--model", &tiny, "--data", "someone/persona-rows"],
+            endpoint,
+        );
+        assert_one_line_error(&o, "someone/persona-rows is not in the HF cache");
+        assert!(
+            stderr(&o).contains("pass --data FILE or DIR, or connect"),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 fn score_dir(dir: &std::path::Path) -> std::process::Output {

@@ -215,7 +215,7 @@ fn malformed_rows_name_file_row_and_column() {
     let dir = common::scratch("bad-data");
     let good =
         r#"{"conv_id": "a", "persona_b": ["i sing."], "dialogue": ["hi"], "reference": "hello"}"#;
-    let cases: [(&str, &[u8], &str); 8] = [
+    let cases: [(&str, &[u8], &str); 9] = [
         (
             "missing.jsonl",
             br#"{"conv_id": "a", "persona_b": ["x"], "dialogue": ["hi"]}"#,
@@ -223,8 +223,13 @@ fn malformed_rows_name_file_row_and_column() {
         ),
         (
             "type.jsonl",
-            br#"{"conv_id": "a", "persona_b": "x", "dialogue": ["hi"], "reference": "r"}"#,
-            "column persona_b: expected a list of strings, found a string",
+            br#"{"conv_id": "a", "persona_b": {"x": 1}, "dialogue": ["hi"], "reference": "r"}"#,
+            "column persona_b: expected a list of strings or one string, found an object",
+        ),
+        (
+            "dialogue_type.jsonl",
+            br#"{"conv_id": "a", "persona_b": ["x"], "dialogue": "hi", "reference": "r"}"#,
+            "column dialogue: expected a list of strings, found a string",
         ),
         (
             "item.jsonl",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use arrow_array::{Array, LargeListArray, LargeStringArray, ListArray, RecordBatch, StringArray};
 use serde_json::Value;
 
-use crate::row::PersonaRow;
+use crate::row::{PersonaForm, PersonaRow, split_facts};
 
 /// The default data set.
 pub const DEFAULT_DATASET: &str = "Cynaptics/persona-chat";
@@ -54,6 +54,10 @@ pub struct Loaded {
     /// One message per skipped row (file, row, column, reason).
     pub skipped: Vec<String>,
     pub files: Vec<PathBuf>,
+    /// Valid rows whose `persona_b` was a list of facts, and those where it was one string
+    /// (split into facts at sentence ends).
+    pub persona_lists: usize,
+    pub persona_texts: usize,
 }
 
 impl Loaded {
@@ -61,12 +65,18 @@ impl Loaded {
         &mut self,
         path: &Path,
         row: usize,
-        parsed: Result<PersonaRow, (String, String)>,
+        parsed: Result<(PersonaRow, PersonaForm), (String, String)>,
         opts: LoadOptions,
     ) -> Result<(), DataError> {
-        let checked = parsed.and_then(|r| r.validate().map(|_| r));
+        let checked = parsed.and_then(|(r, form)| r.validate().map(|_| (r, form)));
         match checked {
-            Ok(r) => self.rows.push(r),
+            Ok((r, form)) => {
+                match form {
+                    PersonaForm::List => self.persona_lists += 1,
+                    PersonaForm::Text => self.persona_texts += 1,
+                }
+                self.rows.push(r)
+            }
             Err((column, msg)) => {
                 let e = DataError::Row {
                     path: path.to_path_buf(),
@@ -134,6 +144,8 @@ pub fn load_files(files: &[PathBuf], opts: LoadOptions) -> Result<Loaded, DataEr
         all.rows.extend(part.rows);
         all.skipped.extend(part.skipped);
         all.files.extend(part.files);
+        all.persona_lists += part.persona_lists;
+        all.persona_texts += part.persona_texts;
     }
     Ok(all)
 }
@@ -177,7 +189,7 @@ fn open(path: &Path) -> Result<File, DataError> {
 }
 
 /// Parses one row from a JSON object, naming the column at fault.
-fn row_from_json(v: &Value) -> Result<PersonaRow, (String, String)> {
+fn row_from_json(v: &Value) -> Result<(PersonaRow, PersonaForm), (String, String)> {
     let obj = v
         .as_object()
         .ok_or(("(row)".to_string(), "is not a JSON object".to_string()))?;
@@ -211,12 +223,26 @@ fn row_from_json(v: &Value) -> Result<PersonaRow, (String, String)> {
             )),
         }
     };
-    Ok(PersonaRow {
+    let (persona_b, form) = match field("persona_b")? {
+        Value::String(s) => (split_facts(s), PersonaForm::Text),
+        Value::Array(_) => (list("persona_b")?, PersonaForm::List),
+        other => {
+            return Err((
+                "persona_b".into(),
+                format!(
+                    "expected a list of strings or one string, found {}",
+                    kind(other)
+                ),
+            ));
+        }
+    };
+    let row = PersonaRow {
         conv_id: string("conv_id")?,
-        persona_b: list("persona_b")?,
+        persona_b,
         dialogue: list("dialogue")?,
         reference: string("reference")?,
-    })
+    };
+    Ok((row, form))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -342,6 +368,23 @@ fn string_lists(
     ))
 }
 
+/// The `persona_b` column: a list of facts per row, or one string per row split into facts.
+#[allow(clippy::type_complexity)]
+fn persona_column(
+    batch: &RecordBatch,
+) -> Result<(Vec<Option<Vec<Option<String>>>>, PersonaForm), String> {
+    match strings(batch, "persona_b") {
+        Ok(texts) => {
+            let facts = texts
+                .into_iter()
+                .map(|t| t.map(|t| split_facts(&t).into_iter().map(Some).collect()))
+                .collect();
+            Ok((facts, PersonaForm::Text))
+        }
+        Err(_) => Ok((string_lists(batch, "persona_b")?, PersonaForm::List)),
+    }
+}
+
 fn load_parquet(path: &Path, opts: LoadOptions) -> Result<Loaded, DataError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let builder = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
@@ -373,7 +416,7 @@ fn load_parquet(path: &Path, opts: LoadOptions) -> Result<Loaded, DataError> {
         };
         let ids = strings(&batch, "conv_id").map_err(|m| col_err("conv_id", m))?;
         let refs = strings(&batch, "reference").map_err(|m| col_err("reference", m))?;
-        let personas = string_lists(&batch, "persona_b").map_err(|m| col_err("persona_b", m))?;
+        let (personas, form) = persona_column(&batch).map_err(|m| col_err("persona_b", m))?;
         let dialogues = string_lists(&batch, "dialogue").map_err(|m| col_err("dialogue", m))?;
         for i in 0..batch.num_rows() {
             let not_null =
@@ -388,12 +431,13 @@ fn load_parquet(path: &Path, opts: LoadOptions) -> Result<Loaded, DataError> {
                     .collect()
             };
             let parsed = (|| {
-                Ok(PersonaRow {
+                let row = PersonaRow {
                     conv_id: not_null("conv_id", ids[i].clone())?,
                     persona_b: list("persona_b", personas[i].clone())?,
                     dialogue: list("dialogue", dialogues[i].clone())?,
                     reference: not_null("reference", refs[i].clone())?,
-                })
+                };
+                Ok((row, form))
             })();
             loaded.push(path, base + i + 1, parsed, opts)?;
         }
@@ -431,4 +475,76 @@ pub fn hub_parquet_files(id: &str, revision: Option<&str>) -> Result<Vec<PathBuf
         .iter()
         .map(|n| repo.get(n).map_err(DataError::from))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::builder::{ListBuilder, StringBuilder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("phitune-load-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const FACTS: &str = "i love dogs. i work at a bakery! do i sleep late? always";
+    const SPLIT: [&str; 4] = [
+        "i love dogs.",
+        "i work at a bakery!",
+        "do i sleep late?",
+        "always",
+    ];
+
+    /// Reformatted copies of Persona-Chat store `persona_b` as one string of sentences: such
+    /// rows load with the string split into facts, and the form is counted.
+    #[test]
+    fn persona_as_one_string_is_split_into_facts_in_jsonl_and_parquet() {
+        let dir = scratch("persona-text");
+        let jsonl = dir.join("rows.jsonl");
+        let text_row = serde_json::json!({"conv_id": "a", "persona_b": FACTS,
+            "dialogue": ["hi"], "reference": "hello"});
+        let list_row = serde_json::json!({"conv_id": "b", "persona_b": ["i am tall."],
+            "dialogue": ["hi"], "reference": "hey"});
+        std::fs::write(&jsonl, format!("{text_row}\n{list_row}\n")).unwrap();
+        let loaded = load_path(&jsonl, LoadOptions::default()).unwrap();
+        assert_eq!(loaded.rows[0].persona_b, SPLIT);
+        assert_eq!(loaded.rows[1].persona_b, ["i am tall."]);
+        assert_eq!((loaded.persona_lists, loaded.persona_texts), (1, 1));
+
+        // Parquet with a string column for persona_b.
+        let parquet = dir.join("rows.parquet");
+        let mut dialogue = ListBuilder::new(StringBuilder::new());
+        dialogue.values().append_value("hi");
+        dialogue.append(true);
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("conv_id", Arc::new(StringArray::from(vec!["a"]))),
+            ("persona_b", Arc::new(StringArray::from(vec![FACTS]))),
+            ("dialogue", Arc::new(dialogue.finish())),
+            ("reference", Arc::new(StringArray::from(vec!["hello"]))),
+        ];
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let file = File::create(&parquet).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let loaded = load_path(&parquet, LoadOptions::default()).unwrap();
+        assert_eq!(loaded.rows[0].persona_b, SPLIT);
+        assert_eq!((loaded.persona_lists, loaded.persona_texts), (0, 1));
+
+        // A string of nothing but blanks is still refused, naming the column.
+        std::fs::write(
+            &jsonl,
+            r#"{"conv_id": "a", "persona_b": "   ", "dialogue": ["hi"], "reference": "x"}"#,
+        )
+        .unwrap();
+        let err = load_path(&jsonl, LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("column persona_b"), "{err}");
+    }
 }

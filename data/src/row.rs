@@ -19,6 +19,52 @@ pub struct PersonaRow {
     pub reference: String,
 }
 
+/// How a row's `persona_b` was stored: Persona-Chat's own list of facts, or (as some
+/// reformatted copies on the hub have it) one string of sentences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonaForm {
+    List,
+    Text,
+}
+
+/// A persona stored as one string, split into facts at sentence ends (`.`, `!`, `?` followed
+/// by white space or the end, a run of them such as `?!` or `...` kept together) and at line
+/// breaks; each fact is trimmed and empty ones are dropped.
+pub fn split_facts(text: &str) -> Vec<String> {
+    let mut facts = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' || c == '\r' {
+            push_fact(&mut facts, &mut current);
+            continue;
+        }
+        current.push(c);
+        if matches!(c, '.' | '!' | '?') {
+            while let Some(&p) = chars.peek() {
+                if !matches!(p, '.' | '!' | '?') {
+                    break;
+                }
+                current.push(p);
+                chars.next();
+            }
+            if chars.peek().is_none_or(|p| p.is_whitespace()) {
+                push_fact(&mut facts, &mut current);
+            }
+        }
+    }
+    push_fact(&mut facts, &mut current);
+    facts
+}
+
+fn push_fact(facts: &mut Vec<String>, current: &mut String) {
+    let fact = current.trim();
+    if !fact.is_empty() {
+        facts.push(fact.to_string());
+    }
+    current.clear();
+}
+
 impl PersonaRow {
     /// Checks the row's contents; the error names the column.
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -58,5 +104,41 @@ impl PersonaRow {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_facts;
+
+    #[test]
+    fn a_persona_string_splits_into_facts_at_sentence_ends() {
+        assert_eq!(
+            split_facts(
+                "i like to ski. my wife does not like me anymore!  i went to mexico 4 times? yes"
+            ),
+            [
+                "i like to ski.",
+                "my wife does not like me anymore!",
+                "i went to mexico 4 times?",
+                "yes"
+            ]
+        );
+        // Decimals, abbreviations without a following space, runs of marks and line breaks.
+        assert_eq!(
+            split_facts("i earn 3.5 dollars an hour... really?! i live in the u.s.\nmy dog is old"),
+            [
+                "i earn 3.5 dollars an hour...",
+                "really?!",
+                "i live in the u.s.",
+                "my dog is old"
+            ]
+        );
+        assert_eq!(
+            split_facts("  one fact without a stop  "),
+            ["one fact without a stop"]
+        );
+        assert_eq!(split_facts(" . \n "), ["."]);
+        assert!(split_facts("   ").is_empty());
     }
 }

@@ -57,6 +57,14 @@ pub fn run(args: DataArgs) -> Result<()> {
     for s in loaded.skipped.iter().take(5) {
         println!("           skipped: {s}");
     }
+    let form = match (loaded.persona_lists, loaded.persona_texts) {
+        (_, 0) => "persona_b as lists of facts".to_string(),
+        (0, _) => "persona_b as one string per row, split into facts at sentence ends".to_string(),
+        (l, t) => format!(
+            "persona_b as lists of facts in {l} rows, as one string (split into facts at sentence ends) in {t}"
+        ),
+    };
+    println!("persona:   {form}");
     println!(
         "split:     train {}, valid {} (fraction {}, stable hash of conv_id)",
         loaded.rows.len() - valid,

@@ -42,9 +42,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt is empty after tokenization");
     }
-    let config = args
+    let mut config = args
         .sampling
         .to_config(source.tokenizer.eos_token_ids.clone())?;
+    fit_context(&mut config, prompt.len(), &source)?;
     let (device, dtype) = args.model.device.resolve();
     let tokens = dispatch(
         device,
@@ -80,7 +81,7 @@ fn run_persona(args: GenerateArgs) -> Result<()> {
         bail!("give the dialogue to answer: --dialogue TURN (repeatable, oldest first)");
     }
     let source = ModelSource::open(&super::with_run_quant(&args.model, run.as_ref()))?;
-    let config = args
+    let mut config = args
         .sampling
         .to_config(source.tokenizer.eos_token_ids.clone())?;
     let budget = super::chat::budget(&source, p.max_len);
@@ -94,6 +95,7 @@ fn run_persona(args: GenerateArgs) -> Result<()> {
     if first_kept > 0 {
         eprintln!("(dropped the {first_kept} oldest turn(s) to fit {budget} tokens)");
     }
+    fit_context(&mut config, ids.len(), &source)?;
     let (device, dtype) = args.model.device.resolve();
     let text = dispatch(
         device,
@@ -115,6 +117,30 @@ fn run_persona(args: GenerateArgs) -> Result<()> {
         );
     } else {
         println!();
+    }
+    Ok(())
+}
+
+/// Generation stops at the model's context (`max_position_embeddings`): `--max-new-tokens`
+/// beyond it is lowered, and stderr says so.
+fn fit_context(
+    config: &mut GenerationConfig,
+    prompt_len: usize,
+    source: &ModelSource,
+) -> Result<()> {
+    let context = source.checkpoint.config().max_position_embeddings;
+    if prompt_len >= context {
+        bail!(
+            "the prompt has {prompt_len} tokens but the model's context is {context} positions: shorten it"
+        );
+    }
+    let room = context - prompt_len;
+    if config.max_new_tokens > room {
+        eprintln!(
+            "--max-new-tokens {}: generating at most {room}, where the prompt ({prompt_len} tokens) and the reply fill the model's context of {context} positions",
+            config.max_new_tokens
+        );
+        config.max_new_tokens = room;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod dashboard;
 pub mod eval;
 pub mod f1;
 pub mod lm;

@@ -12,10 +12,6 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::renderer::{
-    EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
-    MetricsRendererTraining, ProgressType, TrainingProgress,
-};
 use burn::train::{Learner, SupervisedTraining, TrainLoader, TrainingStrategy, ValidLoader};
 use phitune_data::batch::ExampleDataset;
 use phitune_data::prompt::Example;
@@ -28,6 +24,7 @@ use serde::Serialize;
 
 use crate::checkpoint;
 use crate::config::{QuantMode, TrainConfig, TrainFlags};
+use crate::dashboard::{Dashboard, Quiet, RunShape};
 use crate::lm::{CausalLm, LmBatcher, LmStats};
 use crate::metrics::{
     self, HostMemory, Loss, MetricsLog, Perplexity, TokenAccuracy, TokensPerSecond,
@@ -269,7 +266,8 @@ where
         data_fingerprint: checkpoint::data_fingerprint(&p.train),
         evaluates: !p.valid.is_empty(),
     };
-    let (training, interrupter) = build_training(&p, step_loop, train_loader, valid_loader);
+    let (training, interrupter) =
+        build_training(&p, start_step, step_loop, train_loader, valid_loader);
     announce(&p.config, trainable);
     #[cfg(unix)]
     let signals = stop_on_signals(interrupter);
@@ -399,6 +397,7 @@ where
 /// (or none without a terminal), and the interrupter that signals stop it through.
 fn build_training<AB>(
     p: &Prepared,
+    start_step: usize,
     step_loop: StepLoop,
     train: TrainLoader<Components<AB>>,
     valid: ValidLoader<Components<AB>>,
@@ -424,11 +423,13 @@ where
     let training = training.metric_train(burn::train::metric::CudaMetric::new());
     let interrupter = training.interrupter();
     let training = if p.dashboard {
-        let tui = burn::train::renderer::tui::TuiMetricsRendererWrapper::new(
-            training.interrupter(),
-            None,
-        );
-        training.renderer(tui)
+        let shape = RunShape {
+            max_steps: p.config.max_steps,
+            grad_accum: p.config.grad_accum,
+            start_step,
+        };
+        let dashboard = Dashboard::new(training.interrupter(), shape);
+        training.renderer(dashboard)
     } else {
         training.renderer(Quiet)
     };
@@ -553,9 +554,15 @@ fn stop_on_signals(interrupter: burn::train::Interrupter) -> Option<signal_hook:
     Some(handle)
 }
 
-/// `curves.svg`: loss (train and held-out), perplexity, learning rate per optimizer step.
+/// `curves.svg`: loss and perplexity (train and held-out), learning rate and gradient norm per
+/// optimizer step.
 pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
     use crate::plot::{Panel, Series, svg};
+    use plotters::style::RGBColor;
+    const BLUE: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
+    const RED: RGBColor = RGBColor(0xd6, 0x27, 0x28);
+    const GREEN: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
+    const PURPLE: RGBColor = RGBColor(0x94, 0x67, 0xbd);
     let pts = |split: &str, f: &dyn Fn(&metrics::Record) -> Option<f64>| -> Vec<(f64, f64)> {
         records
             .iter()
@@ -578,12 +585,12 @@ pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
                 Series {
                     name: "train",
                     points: &train_loss,
-                    color: "#1f77b4",
+                    color: BLUE,
                 },
                 Series {
                     name: "held-out",
                     points: &valid_loss,
-                    color: "#d62728",
+                    color: RED,
                 },
             ],
         },
@@ -595,12 +602,12 @@ pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
                 Series {
                     name: "train",
                     points: &train_ppl,
-                    color: "#1f77b4",
+                    color: BLUE,
                 },
                 Series {
                     name: "held-out",
                     points: &valid_ppl,
-                    color: "#d62728",
+                    color: RED,
                 },
             ],
         },
@@ -611,7 +618,7 @@ pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
             series: vec![Series {
                 name: "lr",
                 points: &lr,
-                color: "#2ca02c",
+                color: GREEN,
             }],
         },
         Panel {
@@ -621,32 +628,12 @@ pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
             series: vec![Series {
                 name: "grad norm",
                 points: &gn,
-                color: "#9467bd",
+                color: PURPLE,
             }],
         },
     ];
     checkpoint::write_synced(
         &out.join("curves.svg"),
-        svg(&panels, "optimizer step").as_bytes(),
+        svg(&panels, "optimizer step")?.as_bytes(),
     )
-}
-
-/// The renderer used without a terminal: the step loop prints its own lines.
-struct Quiet;
-
-impl MetricsRendererTraining for Quiet {
-    fn update_train(&mut self, _: MetricState) {}
-    fn update_valid(&mut self, _: MetricState) {}
-    fn render_train(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
-    fn render_valid(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
-}
-
-impl MetricsRendererEvaluation for Quiet {
-    fn update_test(&mut self, _: EvaluationName, _: MetricState) {}
-    fn render_test(&mut self, _: EvaluationProgress, _: Vec<ProgressType>) {}
-}
-
-impl MetricsRenderer for Quiet {
-    fn manual_close(&mut self) {}
-    fn register_metric(&mut self, _: burn::train::metric::MetricDefinition) {}
 }

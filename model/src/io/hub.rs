@@ -130,7 +130,14 @@ impl HubRepo {
                 self.id
             )));
         }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone());
+        // A mirror or a private hub, as the Python tools take it.
+        if let Ok(endpoint) = std::env::var("HF_ENDPOINT")
+            && !endpoint.trim().is_empty()
+        {
+            builder = builder.with_endpoint(endpoint.trim().trim_end_matches('/').to_string());
+        }
+        let api = builder
             .with_token(token(&self.cache))
             .with_progress(true)
             .build()
@@ -168,6 +175,17 @@ impl HubRepo {
     }
 
     fn hub_error(&self, what: &str, e: hf_hub::api::sync::ApiError) -> Error {
+        if let Some(why) = unreachable(&e) {
+            let fix = match self.kind {
+                RepoType::Dataset => "pass --data FILE or DIR",
+                _ => "pass --model DIR",
+            };
+            return Error::Hub(format!(
+                "{} is not in the HF cache ({}) and the hub is unreachable ({why}): {fix}, or connect",
+                self.id,
+                self.cache.path().display()
+            ));
+        }
         // ureq's messages contain the URL but never the Authorization header.
         let msg = e.to_string();
         let hint = if msg.contains("401") || msg.contains("403") {
@@ -181,6 +199,28 @@ impl HubRepo {
             "{} @ {}: {what} failed: {msg}{hint}",
             self.id, self.revision
         ))
+    }
+}
+
+/// Why the hub could not be reached at all (name lookup, connection, network I/O), as opposed
+/// to an answer from it (401, 404, ...); None for the latter.
+fn unreachable(e: &hf_hub::api::sync::ApiError) -> Option<&'static str> {
+    use hf_hub::api::sync::ApiError;
+    match e {
+        ApiError::TooManyRetries(inner) => unreachable(inner),
+        ApiError::RequestError(inner) => match &**inner {
+            ureq::Error::Transport(t) => Some(match t.kind() {
+                ureq::ErrorKind::Dns => "the host name does not resolve",
+                ureq::ErrorKind::ConnectionFailed => "the connection failed",
+                ureq::ErrorKind::Io => "a network error",
+                ureq::ErrorKind::ProxyConnect | ureq::ErrorKind::ProxyUnauthorized => {
+                    "the proxy refused the connection"
+                }
+                _ => return None,
+            }),
+            ureq::Error::Status(..) => None,
+        },
+        _ => None,
     }
 }
 

@@ -303,6 +303,8 @@ fn row_sum<const W: usize>(items: &[[f32; W]]) -> [f32; W] {
 }
 
 /// `items` viewed as rows of 4 items; returns the 4 partial sums (each lane-wise).
+// The lane and level indices mirror torch's reduction layout, kept explicit on purpose.
+#[allow(clippy::needless_range_loop)]
 fn multi_row_sum<const W: usize>(items: &[[f32; W]]) -> [[f32; W]; 4] {
     let size = items.len() / 4;
     let ceil_log2 = |x: usize| {
