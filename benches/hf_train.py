@@ -8,12 +8,14 @@ micro-batch of random tokens per optimizer step, causal-LM loss on every token.
 
     python benches/hf_train.py --config bench|phi-2 [--device cpu|cuda] [--quant none|nf4]
         [--dtype f32|bf16|f16] [--micro-batch 2] [--seq-len 128] [--steps 10] [--warmup-steps 3]
-        [--threads N] [--grad-checkpointing]
+        [--threads N] [--grad-checkpointing] [--weights-dir DIR]
 
 "bench" is phi-2's vocabulary and head geometry with hidden 640, 8 heads, 4 layers,
 intermediate 2560 (as `phitune bench --config bench`); "phi-2" is microsoft/phi-2's real
 configuration. --quant nf4 loads the base through bitsandbytes (NF4, double quant, compute in
---dtype), as the seed recipe does; it needs a CUDA device.
+--dtype), as the seed recipe does; it needs a CUDA device. The random base is saved to
+--weights-dir (a temporary directory by default) and loaded back from there: a second run with
+the same --weights-dir skips the initialisation (benches/gpu.sh runs two settings so).
 
 Prints one JSON line with the same fields as `phitune bench --train`'s "report":
 tokens_per_s (steady state: timed steps only), median step/forward/backward/optimizer seconds,
@@ -59,6 +61,7 @@ def main():
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--weights-dir", default=None)
     args = ap.parse_args()
 
     import peft
@@ -70,27 +73,38 @@ def main():
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     cuda = args.device.startswith("cuda")
     config = phi_config(BENCH if args.config == "bench" else PHI2)
-    model = transformers.PhiForCausalLM(config).to(dtype)
     if args.quant == "nf4":
         if not cuda:
             sys.exit("--quant nf4 needs --device cuda (bitsandbytes' 4-bit training path)")
+        import os
         import tempfile
 
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+        tmp = None
+        weights = args.weights_dir
+        if weights is None:
+            tmp = tempfile.TemporaryDirectory()
+            weights = tmp.name
+        if not os.path.isfile(os.path.join(weights, "config.json")):
+            # Initialised on the GPU (seconds, not minutes on the CPU), saved in --dtype.
+            with torch.device(args.device):
+                model = transformers.PhiForCausalLM(config).to(dtype)
+            model.save_pretrained(weights)
             del model
-            bnb = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )  # fmt: skip
-            model = transformers.PhiForCausalLM.from_pretrained(
-                tmp, quantization_config=bnb, dtype=dtype, device_map={"": args.device}
-            )
+            torch.cuda.empty_cache()
+        bnb = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )  # fmt: skip
+        model = transformers.PhiForCausalLM.from_pretrained(
+            weights, quantization_config=bnb, dtype=dtype, device_map={"": args.device}
+        )
+        if tmp is not None:
+            tmp.cleanup()
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=args.grad_checkpointing
         )
     else:
-        model = model.to(args.device)
+        model = transformers.PhiForCausalLM(config).to(dtype).to(args.device)
         if args.grad_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()

@@ -177,9 +177,10 @@ impl DeviceArgs {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The text to score.
-    #[arg(long)]
-    pub text: String,
+    /// The text to score; repeat it to score several texts with one load of the model (one
+    /// JSON object per line, in order).
+    #[arg(long, required = true)]
+    pub text: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -364,6 +365,10 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up run); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Instead: time the two NF4 product paths (decode GEMV, dequantize + matmul) at these row
+    /// counts on the config's fc1 shape, e.g. `--nf4-rows 1,2,4,8,16,32`.
+    #[arg(long, value_delimiter = ',')]
+    pub nf4_rows: Option<Vec<usize>>,
     /// Measure training too: the QLoRA setup (LoRA r=4 on q/k/v/dense over the --quant base,
     /// AdamW), one micro-batch of random tokens per step; then generation from the trained model.
     #[arg(long)]

@@ -89,7 +89,7 @@ fn fresh_lora_leaves_the_model_unchanged() {
     config.target_modules = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
         .map(String::from)
         .to_vec();
-    let model = model.with_lora(&config, &Default::default());
+    let model = model.with_lora(&config, 7, &Default::default());
     assert_eq!(
         model
             .projections()
@@ -125,7 +125,7 @@ fn written_adapter_reads_back_identically() {
 fn ours_adapter() -> Adapter {
     let (model, _) = load("tiny-phi");
     let mut adapter = model
-        .with_lora(&LoraConfig::seed(), &Default::default())
+        .with_lora(&LoraConfig::seed(), 7, &Default::default())
         .adapter(&LoraConfig::seed(), Some("tiny-phi".into()));
     let mut state = 0x2545f4914f6cdd1du64;
     let mut next = move || {
@@ -425,7 +425,7 @@ fn load_trainable(config: &LoraConfig) -> (Phi<A>, PhiTokenizer) {
     (
         Phi::load(&ckpt, &device)
             .unwrap()
-            .with_lora(config, &device),
+            .with_lora(config, 7, &device),
         tok,
     )
 }
@@ -539,7 +539,7 @@ fn qlora_trains_adapters_on_an_nf4_base() {
     config.dropout = 0.0;
     let model: Phi<A> = Phi::load_with(&ckpt, &device, Some(Quantization { double_quant: true }))
         .unwrap()
-        .with_lora(&config, &device);
+        .with_lora(&config, 7, &device);
     let packed = |m: &Phi<A>| -> Vec<TensorData> {
         m.projections()
             .iter()

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
-use burn::tensor::{Distribution, FloatDType, Tensor, backend::Backend};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::frozen::FrozenLinear;
@@ -137,21 +137,30 @@ pub struct Lora<B: Backend> {
 
 impl<B: Backend> Lora<B> {
     /// PEFT's initialisation: A ~ kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
-    /// B = 0, so the adapted layer starts exactly equal to the base.
+    /// B = 0, so the adapted layer starts exactly equal to the base. A's values come from
+    /// `seed` on the host (a SplitMix64 stream), so every backend starts from the same adapter.
     pub fn init(
         d_in: usize,
         d_out: usize,
         r: usize,
         scaling: f64,
         dropout: f64,
+        seed: u64,
         device: &B::Device,
     ) -> Self {
         let bound = 1.0 / (d_in as f64).sqrt();
+        let a: Vec<f32> = (0..(d_in * r) as u64)
+            .map(|i| {
+                let u = (crate::ops::splitmix64(seed.wrapping_add(i)) >> 40) as f64
+                    / (1u64 << 24) as f64;
+                ((2.0 * u - 1.0) * bound) as f32
+            })
+            .collect();
         Self {
-            a: Param::from_tensor(
-                Tensor::<B, 2>::random([d_in, r], Distribution::Uniform(-bound, bound), device)
-                    .cast(FloatDType::F32),
-            ),
+            a: Param::from_tensor(Tensor::<B, 2>::from_data(
+                TensorData::new(a, [d_in, r]),
+                (device, DType::F32),
+            )),
             b: Param::from_tensor(Tensor::<B, 2>::zeros([r, d_out], device).cast(FloatDType::F32)),
             scaling,
             dropout: DropoutConfig::new(dropout).init(),

@@ -193,7 +193,7 @@ impl<B: Backend> Phi<B> {
 
     /// Freezes every existing parameter, then adds fresh adapters (PEFT's init: B = 0, so the
     /// model's output is unchanged) on the configured targets. Only the adapters train.
-    pub fn with_lora(self, config: &LoraConfig, device: &B::Device) -> Self {
+    pub fn with_lora(self, config: &LoraConfig, seed: u64, device: &B::Device) -> Self {
         let mut model = self.no_grad();
         for (path, short, proj) in model.projections_mut() {
             proj.lora = None;
@@ -201,7 +201,17 @@ impl<B: Backend> Phi<B> {
                 let (d_in, d_out) = proj.dims();
                 let (r, alpha) = config.rank_alpha(&path);
                 let scaling = config.scaling(r, alpha);
-                proj.lora = Some(Lora::init(d_in, d_out, r, scaling, config.dropout, device));
+                // Each module's A from its own stream: independent of the module order.
+                let module_seed = crate::ops::splitmix64(seed ^ fnv1a(&path));
+                proj.lora = Some(Lora::init(
+                    d_in,
+                    d_out,
+                    r,
+                    scaling,
+                    config.dropout,
+                    module_seed,
+                    device,
+                ));
             }
         }
         model
@@ -506,6 +516,13 @@ impl<B: Backend> Phi<B> {
 }
 
 /// Row-major `[rows, cols]` -> row-major `[cols, rows]`, cache-blocked.
+/// FNV-1a of a module path (a seed per module).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 pub fn transpose_vec(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(src.len(), rows * cols);
     let mut dst = vec![0f32; src.len()];

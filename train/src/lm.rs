@@ -19,8 +19,8 @@ use phitune_model::ops::cross_entropy;
 pub struct CausalLm<B: Backend> {
     pub phi: Phi<B>,
     pub loss_scale: f64,
-    /// Dropout masks are drawn from the backend's generator, reseeded from this and the batch's
-    /// position before every training step: a resumed run draws the same masks.
+    /// Dropout masks come from a seed stream started from this and the batch's position before
+    /// every training step: a resumed run (on any backend) draws the same masks.
     pub seed: u64,
 }
 
@@ -169,10 +169,7 @@ impl<B: Nf4Backend> CausalLm<B> {
 /// Seed for the dropout masks of the micro-batch starting at `position`.
 pub fn step_seed(seed: u64, position: u64) -> u64 {
     // SplitMix64 of the pair: nearby positions give unrelated seeds.
-    let mut z = seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    phitune_model::ops::splitmix64(seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 impl<B> TrainStep for CausalLm<B>
@@ -184,10 +181,10 @@ where
     type Output = LmStats;
 
     fn step(&self, batch: LmBatch<B>) -> TrainOutput<LmStats> {
-        B::seed(
-            &batch.input_ids.device(),
-            step_seed(self.seed, batch.position),
-        );
+        let seed = step_seed(self.seed, batch.position);
+        phitune_model::ops::start_dropout_stream(seed);
+        // Only Burn's own dropout (a backend without seeded dropout) draws from the generator.
+        B::seed(&batch.input_ids.device(), seed);
         let (loss, stats) = self.objective(&batch);
         let grads = (loss * self.loss_scale).backward();
         TrainOutput::new(self, grads, stats)

@@ -303,7 +303,7 @@ where
     let phi = Phi::<AB>::load_with(&p.checkpoint, device, quant)
         .with_context(|| format!("loading {}", p.checkpoint.dir().display()))?;
     AB::seed(device, c.seed);
-    let phi = phi.with_lora(&c.lora(), device);
+    let phi = phi.with_lora(&c.lora(), c.seed, device);
     let trainable: usize = burn::module::Module::num_params(&phi);
     let model = CausalLm::new(phi, 1.0 / c.grad_accum as f64, c.seed);
     let optim = AdamWConfig::new()

@@ -38,6 +38,26 @@ use burn::tensor::{Int, Shape, Tensor, TensorPrimitive, backend::Backend};
 
 pub use nf4_format::{Absmax, BLOCK, NF4_CODE, Nf4Host};
 
+/// NF4 products with fewer input rows than this take the decode GEMV on backends that have one
+/// (CubeCL); larger ones dequantize the layer and use the backend's matmul. bitsandbytes takes
+/// its GEMV for one row only; 8 is a guess until `bench --nf4-rows` is run on a GPU
+/// (`benches/gpu.sh` does).
+pub const DEFAULT_NF4_GEMV_MAX_ROWS: usize = 8;
+
+static NF4_GEMV_MAX_ROWS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_NF4_GEMV_MAX_ROWS);
+
+/// The row count below which NF4 products take the GEMV.
+pub fn nf4_gemv_max_rows() -> usize {
+    NF4_GEMV_MAX_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets [`nf4_gemv_max_rows`] for the process (for measurement: `bench --nf4-rows` times both
+/// paths at each row count).
+pub fn set_nf4_gemv_max_rows(rows: usize) {
+    NF4_GEMV_MAX_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Frozen-weight linear algebra. `w` is always `[out, in]`; the NF4 form is 8 codes per
 /// 32-bit int element (element i in bits `4*(i%8)` of element `i/8`) plus one f32 absmax per
 /// 64 consecutive values of the row-major weight.
@@ -138,9 +158,9 @@ pub trait FusedOps: Backend {
         false
     }
 
-    /// Inverted dropout whose mask is a hash of `(seed, element index)`: `x / (1 - p)` where
-    /// kept, 0 elsewhere. The same seed gives the same mask, so the backward is this op applied
-    /// to the gradient and no mask is stored.
+    /// Inverted dropout whose mask is a hash of `(seed, element index)` ([`dropout_keep`]):
+    /// `x / (1 - p)` where kept, 0 elsewhere. The same seed gives the same mask on every
+    /// backend, so the backward is this op applied to the gradient and no mask is stored.
     fn dropout_seeded(x: FloatTensor<Self>, _p: f64, _seed: u64) -> FloatTensor<Self> {
         x
     }
@@ -216,23 +236,87 @@ pub fn rope<B: FusedOps>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>
     )))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dropout masks: the same bits on every backend.
+
+/// SplitMix64's finalizer: a 64-bit mixer (host side only).
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A 32-bit mixer (Wellons' `lowbias32`): what the kernels run per element, since WGSL has no
+/// 64-bit integers.
+#[inline(always)]
+pub fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// The two 32-bit keys of a dropout seed.
+pub fn dropout_keys(seed: u64) -> [u32; 2] {
+    let z = splitmix64(seed ^ 0x9E37_79B9_7F4A_7C15);
+    [z as u32, (z >> 32) as u32]
+}
+
+/// Elements whose 24-bit draw is below this are dropped.
+pub fn dropout_threshold(p: f64) -> u32 {
+    (p * (1u32 << 24) as f64) as u32
+}
+
+/// Whether element `i` (its row-major index, modulo 2^32) is kept: two rounds of [`mix32`]
+/// keyed by [`dropout_keys`], the top 24 bits against [`dropout_threshold`]. Every backend's
+/// kernel computes exactly this.
+#[inline(always)]
+pub fn dropout_keep(keys: [u32; 2], i: u32, threshold: u32) -> bool {
+    (mix32(mix32(i ^ keys[0]) ^ keys[1]) >> 8) >= threshold
+}
+
+thread_local! {
+    /// `(base, calls so far)` of the dropout seed stream on this thread.
+    static DROPOUT_STREAM: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Starts the dropout seed stream of this thread: the n-th dropout call after it uses
+/// `splitmix64(base + n)`. A training step starts it from (run seed, data position), so its
+/// masks depend on neither the backend nor its random generator, and a run resumed on another
+/// backend continues the same stream.
+pub fn start_dropout_stream(base: u64) {
+    DROPOUT_STREAM.with(|s| s.set(Some((base, 0))));
+}
+
+fn next_dropout_seed() -> Option<u64> {
+    DROPOUT_STREAM.with(|s| {
+        let (base, n) = s.get()?;
+        s.set(Some((base, n + 1)));
+        Some(splitmix64(base.wrapping_add(n)))
+    })
+}
+
 /// Training-time dropout (identity outside autodiff or for `p == 0`), as Burn's `Dropout`.
+/// The seed comes from this thread's dropout stream ([`start_dropout_stream`]), or without one
+/// from the backend's generator (so `B::seed` makes masks reproducible).
 pub fn dropout<B: FusedOps, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
     if p == 0.0 || !B::ad_enabled(&x.device()) {
         return x;
     }
     if B::has_seeded_dropout() {
-        // The seed comes from the backend's generator, so `B::seed` makes masks reproducible.
-        let draws = Tensor::<B, 1>::random(
-            [2],
-            burn::tensor::Distribution::Uniform(0.0, 16_777_216.0),
-            &x.device(),
-        )
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default();
-        let seed = draws.iter().fold(0u64, |s, &d| (s << 24) | d as u64);
+        let seed = next_dropout_seed().unwrap_or_else(|| {
+            let draws = Tensor::<B, 1>::random(
+                [2],
+                burn::tensor::Distribution::Uniform(0.0, 16_777_216.0),
+                &x.device(),
+            )
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
+            draws.iter().fold(0u64, |s, &d| (s << 24) | d as u64)
+        });
         return Tensor::from_primitive(TensorPrimitive::Float(B::dropout_seeded(
             x.into_primitive().tensor(),
             p,

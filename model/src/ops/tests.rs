@@ -208,6 +208,32 @@ fn seeded_dropout_keeps_1_minus_p_scales_and_backpropagates_its_own_mask() {
     assert_eq!(z.into_data(), x.into_data());
 }
 
+/// The dropout seed stream: each call takes the next seed, a restarted stream repeats them, and
+/// the mask is exactly the host definition (`dropout_keep`) every backend's kernel computes.
+#[test]
+fn the_dropout_stream_gives_backend_independent_masks() {
+    let dev = Default::default();
+    let x = Tensor::<AB, 2>::ones([8, 300], &dev).require_grad();
+    let values = |t: Tensor<AB, 2>| t.into_data().into_vec::<f32>().unwrap();
+    super::start_dropout_stream(42);
+    let (a, b) = (
+        values(dropout(x.clone(), 0.25)),
+        values(dropout(x.clone(), 0.25)),
+    );
+    assert_ne!(a, b, "each call draws a new seed");
+    // Another generator state changes nothing: the stream, not the backend, decides.
+    <AB as Backend>::seed(&dev, 99);
+    super::start_dropout_stream(42);
+    assert_eq!(values(dropout(x.clone(), 0.25)), a);
+    assert_eq!(values(dropout(x.clone(), 0.25)), b);
+    let keys = super::dropout_keys(super::splitmix64(42));
+    let threshold = super::dropout_threshold(0.25);
+    for (i, v) in a.iter().enumerate() {
+        let keep = super::dropout_keep(keys, i as u32, threshold);
+        assert_eq!(*v, if keep { 1.0 / 0.75 } else { 0.0 }, "element {i}");
+    }
+}
+
 #[test]
 fn nan_logits_give_nan_loss() {
     let (logits, targets) = case(4, 64);

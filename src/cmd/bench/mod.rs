@@ -1,6 +1,7 @@
 //! `bench`: speed on a model of a given configuration (random weights by default), as JSON.
 
 mod measure;
+mod nf4_rows;
 mod train;
 
 use anyhow::{Result, bail};
@@ -38,6 +39,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|m| Checkpoint::open(std::path::Path::new(m)))
         .transpose()?;
     let (device, dtype) = args.device.resolve();
+    if let Some(rows) = &args.nf4_rows {
+        if rows.is_empty() || rows.contains(&0) {
+            bail!("--nf4-rows takes positive row counts, e.g. 1,2,4,8,16");
+        }
+        let r = dispatch(
+            device,
+            dtype,
+            nf4_rows::Nf4Rows {
+                config,
+                rows,
+                repeats: args.repeats,
+            },
+        )?;
+        println!(
+            "{}",
+            json!({
+                "impl": "phitune",
+                "mode": "nf4-rows",
+                "device": device.to_string(),
+                "dtype": format!("{dtype:?}").to_lowercase(),
+                "report": r,
+            })
+        );
+        return Ok(());
+    }
     if args.train {
         if args.micro_batch == 0 || args.seq_len < 2 || args.steps == 0 {
             bail!("--micro-batch and --steps must be positive and --seq-len at least 2");

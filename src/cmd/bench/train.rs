@@ -65,7 +65,7 @@ where
     let quant = (args.quant == Quant::Nf4).then_some(Quantization { double_quant: true });
     AB::seed(&device, 42);
     let lora = LoraConfig::seed();
-    let phi = Phi::<AB>::random_with(config, &device, quant).with_lora(&lora, &device);
+    let phi = Phi::<AB>::random_with(config, &device, quant).with_lora(&lora, 42, &device);
     let trainable = burn::module::Module::num_params(&phi);
     let mut model = CausalLm::new(phi, 1.0, 42);
     let mut optim = AdamWConfig::new()

@@ -1,98 +1,153 @@
-//! NF4 on CubeCL: `#[cube]` kernels over the packed codes and their launchers. The matmul
-//! kernels decode each weight on the fly and accumulate in f32, so no dense weight is ever
-//! written to device memory.
+//! NF4 on CubeCL, as bitsandbytes does it, chosen by the number of rows:
+//!
+//! - many rows (training, prefill: `m >=` [`nf4_gemv_max_rows`]): a dequantize kernel (one thread
+//!   decodes a whole 32-bit word of 8 codes) writes the layer's weight in the compute dtype into
+//!   a transient buffer, and Burn's autotuned matmul (matrix units on CUDA) multiplies. Forward
+//!   (`x @ W^T`) and backward (`dy @ W`) alike. The dense weight lives only inside one op call:
+//!   at most one layer's weight exists at a time (phi-2's largest, `fc1`, is 26.2 M values:
+//!   52 MB in bf16) and its buffer returns to the pool right after the product;
+//! - few rows (decoding): a GEMV that decodes on the fly, half a byte per weight read. Each
+//!   cube computes 8 output features for one input row; the 32 lanes of a feature stride over
+//!   its packed words, and their partial sums meet through a plane sum where the device has
+//!   plane ops, through shared memory where it does not.
+//!
+//! Codes, absmax and the accumulation are f32 whatever the compute dtype.
 
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
-use burn::tensor::{DType, Shape, TensorData};
+use burn::tensor::{DType, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
+use cubecl::prelude::*;
 
-use crate::ops::{BLOCK, NF4_CODE, Nf4Backend};
+use super::{alloc, elementwise, fixed_plane};
+use crate::ops::{BLOCK, NF4_CODE, Nf4Backend, nf4_gemv_max_rows};
+
+/// Lanes per output feature in the GEMV (a plane on CUDA).
+const LANES: usize = 32;
+/// Output features per GEMV cube.
+const FEATURES: usize = 8;
 
 mod kernels {
     use cubecl::{cube, prelude::*};
 
     #[cube]
-    fn weight<I: Int>(
-        packed: &Tensor<I>,
-        absmax: &Tensor<f32>,
-        lut: &Tensor<f32>,
-        idx: usize,
-        #[comptime] block: usize,
-    ) -> f32 {
-        let word = u32::cast_from(packed[idx / 8]);
-        let shift = u32::cast_from((idx % 8) * 4);
-        let code = (word >> shift) & 15u32;
-        lut[code as usize] * absmax[idx / block]
+    fn code(word: u32, j: u32, lut: &Tensor<f32>) -> f32 {
+        lut[((word >> (j * 4u32)) & 15u32) as usize]
     }
 
+    /// One thread per packed word: its 8 values, `lut[code] * absmax[block]`.
     #[cube(launch)]
     pub fn dequantize<F: Float, I: Int>(
         packed: &Tensor<I>,
         absmax: &Tensor<f32>,
         lut: &Tensor<f32>,
         output: &mut Tensor<F>,
+        numel: usize,
         #[comptime] block: usize,
+        #[define(F, I)] _dtypes: [StorageType; 2],
     ) {
-        let idx = ABSOLUTE_POS;
-        if idx >= output.len() {
+        let w = ABSOLUTE_POS;
+        let first = w * 8;
+        if first >= numel {
             terminate!();
         }
-        output[idx] = F::cast_from(weight::<I>(packed, absmax, lut, idx, block));
+        let word = u32::cast_from(packed[w]);
+        if first + 8 <= numel {
+            // A word never straddles an absmax block (8 divides the block size).
+            let scale = absmax[first / block];
+            #[unroll]
+            for j in 0..8u32 {
+                output[first + j as usize] = F::cast_from(code(word, j, lut) * scale);
+            }
+        } else {
+            for j in 0..8u32 {
+                let e = first + j as usize;
+                if e < numel {
+                    output[e] = F::cast_from(code(word, j, lut) * absmax[e / block]);
+                }
+            }
+        }
     }
 
-    /// `out[m, n] = sum_k x[m, k] * W[n, k]`, one output per thread.
+    /// `out[r, n] = sum_k x[r, k] * W[n, k]`: cube `(CUBE_POS_X, CUBE_POS_Y)` computes features
+    /// `CUBE_POS_X * features ..` of input row `CUBE_POS_Y`; `lanes` threads per feature.
     #[cube(launch)]
-    pub fn matmul<F: Float, I: Int>(
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv<F: Float, I: Int>(
         x: &Tensor<F>,
         packed: &Tensor<I>,
         absmax: &Tensor<f32>,
         lut: &Tensor<f32>,
         output: &mut Tensor<F>,
-        #[comptime] k: usize,
-        #[comptime] n: usize,
+        n: usize,
+        k: usize,
         #[comptime] block: usize,
+        #[comptime] lanes: usize,
+        #[comptime] features: usize,
+        #[comptime] plane: bool,
+        #[define(F, I)] _dtypes: [StorageType; 2],
     ) {
-        let pos = ABSOLUTE_POS;
-        if pos >= output.len() {
-            terminate!();
-        }
-        let row = pos / n;
-        let col = pos % n;
+        let lane = UNIT_POS_X as usize % lanes;
+        let slot = UNIT_POS_X as usize / lanes;
+        let feature = CUBE_POS_X as usize * features + slot;
+        let r = CUBE_POS_Y as usize;
         let mut acc = 0.0f32;
-        for kk in 0..k {
-            let w = weight::<I>(packed, absmax, lut, col * k + kk, block);
-            acc += f32::cast_from(x[row * k + kk]) * w;
+        if feature < n {
+            let xrow = r * k;
+            let wrow = feature * k;
+            if k % 8 == 0 {
+                // Rows start on a word: decode whole words (8 values, one absmax).
+                let words = k / 8;
+                let mut w = lane;
+                while w < words {
+                    let e = wrow + w * 8;
+                    let word = u32::cast_from(packed[e / 8]);
+                    let scale = absmax[e / block];
+                    let xk = xrow + w * 8;
+                    let mut part = 0.0f32;
+                    #[unroll]
+                    for j in 0..8u32 {
+                        part += code(word, j, lut) * f32::cast_from(x[xk + j as usize]);
+                    }
+                    acc += part * scale;
+                    w += lanes;
+                }
+            } else {
+                // Odd widths: value by value.
+                let mut kk = lane;
+                while kk < k {
+                    let e = wrow + kk;
+                    let word = u32::cast_from(packed[e / 8]);
+                    let v = code(word, (e % 8) as u32, lut) * absmax[e / block];
+                    acc += v * f32::cast_from(x[xrow + kk]);
+                    kk += lanes;
+                }
+            }
         }
-        output[pos] = F::cast_from(acc);
-    }
-
-    /// `out[m, k] = sum_n dy[m, n] * W[n, k]`, one output per thread.
-    #[cube(launch)]
-    pub fn matmul_t<F: Float, I: Int>(
-        dy: &Tensor<F>,
-        packed: &Tensor<I>,
-        absmax: &Tensor<f32>,
-        lut: &Tensor<f32>,
-        output: &mut Tensor<F>,
-        #[comptime] k: usize,
-        #[comptime] n: usize,
-        #[comptime] block: usize,
-    ) {
-        let pos = ABSOLUTE_POS;
-        if pos >= output.len() {
-            terminate!();
+        if comptime!(plane) {
+            // `lanes` is the plane size: one plane per feature.
+            let total = plane_sum(acc);
+            if lane == 0 && feature < n {
+                output[r * n + feature] = F::cast_from(total);
+            }
+        } else {
+            let mut shared = SharedMemory::<f32>::new(lanes * features);
+            let t = UNIT_POS_X as usize;
+            shared[t] = acc;
+            sync_cube();
+            let mut stride = comptime!(lanes / 2).runtime();
+            while stride > 0 {
+                if lane < stride {
+                    shared[t] += shared[t + stride];
+                }
+                sync_cube();
+                stride /= 2;
+            }
+            if lane == 0 && feature < n {
+                output[r * n + feature] = F::cast_from(shared[t]);
+            }
         }
-        let row = pos / k;
-        let col = pos % k;
-        let mut acc = 0.0f32;
-        for nn in 0..n {
-            let w = weight::<I>(packed, absmax, lut, nn * k + col, block);
-            acc += f32::cast_from(dy[row * n + nn]) * w;
-        }
-        output[pos] = F::cast_from(acc);
     }
 }
 
@@ -105,34 +160,80 @@ fn lut<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     )
 }
 
-fn empty<R: CubeRuntime, F: FloatElement>(
-    like: &CubeTensor<R>,
-    shape: [usize; 2],
-) -> CubeTensor<R> {
-    let numel = shape[0] * shape[1];
-    let buffer = like.client.empty(numel * core::mem::size_of::<F>());
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape.to_vec()),
-        buffer,
-        F::dtype(),
-    )
-}
-
 /// absmax as a contiguous f32 tensor, whatever dtype it arrived in.
-fn absmax_f32<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    absmax: CubeTensor<R>,
-) -> CubeTensor<R> {
+fn absmax_f32<R: CubeRuntime>(absmax: CubeTensor<R>) -> CubeTensor<R> {
     let absmax = if absmax.dtype == DType::F32 {
         absmax
     } else {
-        <CubeBackend<R, F, I, BT> as FloatTensorOps<CubeBackend<R, F, I, BT>>>::float_cast(
-            absmax,
-            burn::tensor::FloatDType::F32,
-        )
+        burn_cubecl::kernel::cast(absmax, DType::F32)
     };
     into_contiguous(absmax)
+}
+
+/// The dense `[out, in]` weight in `dtype`.
+fn dequantize<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    packed: CubeTensor<R>,
+    absmax: CubeTensor<R>,
+    shape: [usize; 2],
+    dtype: DType,
+) -> CubeTensor<R> {
+    let packed = into_contiguous(packed);
+    let absmax = absmax_f32(absmax);
+    let lut = lut::<R, F, I, BT>(&packed.device);
+    let out = alloc(&packed, &shape, dtype);
+    let numel = shape[0] * shape[1];
+    let (count, dim) = elementwise(&packed, numel.div_ceil(8));
+    let (client, idt) = (packed.client.clone(), packed.dtype);
+    kernels::dequantize::launch::<R>(
+        &client,
+        count,
+        dim,
+        packed.into_tensor_arg(),
+        absmax.into_tensor_arg(),
+        lut.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        numel,
+        BLOCK,
+        [dtype.into(), idt.into()],
+    );
+    out
+}
+
+/// `x [m, k] @ W^T -> [m, n]` for small `m`, decoding on the fly.
+fn gemv<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: CubeTensor<R>,
+    packed: CubeTensor<R>,
+    absmax: CubeTensor<R>,
+    [n, k]: [usize; 2],
+) -> CubeTensor<R> {
+    let x = into_contiguous(x);
+    let m = x.meta.shape().num_elements() / k;
+    let packed = into_contiguous(packed);
+    let absmax = absmax_f32(absmax);
+    let lut = lut::<R, F, I, BT>(&x.device);
+    let out = alloc(&x, &[m, n], x.dtype);
+    let plane = fixed_plane(&x) == Some(LANES as u32);
+    let count = CubeCount::Static(n.div_ceil(FEATURES) as u32, m as u32, 1);
+    let dim = CubeDim::new_1d((LANES * FEATURES) as u32);
+    let (client, fdt, idt) = (x.client.clone(), x.dtype, packed.dtype);
+    kernels::gemv::launch::<R>(
+        &client,
+        count,
+        dim,
+        x.into_tensor_arg(),
+        packed.into_tensor_arg(),
+        absmax.into_tensor_arg(),
+        lut.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        n,
+        k,
+        BLOCK,
+        LANES,
+        FEATURES,
+        plane,
+        [fdt.into(), idt.into()],
+    );
+    out
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
@@ -143,25 +244,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         absmax: FloatTensor<Self>,
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
-        let packed = into_contiguous(packed);
-        let absmax = absmax_f32::<R, F, I, BT>(absmax);
-        let lut = lut::<R, F, I, BT>(&packed.device);
-        let out = empty::<R, F>(&packed, shape);
-        let numel = shape[0] * shape[1];
-        let client = packed.client.clone();
-        let cube_dim = CubeDim::new(&client, numel);
-        let cube_count = calculate_cube_count_elemwise(&client, numel, cube_dim);
-        kernels::dequantize::launch::<F, I, R>(
-            &client,
-            cube_count,
-            cube_dim,
-            packed.into_tensor_arg(),
-            absmax.into_tensor_arg(),
-            lut.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            BLOCK,
-        );
-        out
+        dequantize::<R, F, I, BT>(packed, absmax, shape, F::dtype())
     }
 
     fn nf4_matmul(
@@ -170,7 +253,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         absmax: FloatTensor<Self>,
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
-        matmul::<R, F, I, BT>(x, packed, absmax, shape, false)
+        let m = x.meta.shape().num_elements() / shape[1];
+        if m < nf4_gemv_max_rows() {
+            return gemv::<R, F, I, BT>(x, packed, absmax, shape);
+        }
+        // The transient dense weight, dropped (back to the pool) once the product is queued.
+        let w = dequantize::<R, F, I, BT>(packed, absmax, shape, x.dtype);
+        Self::float_matmul(x, Self::float_transpose(w))
     }
 
     fn nf4_matmul_t(
@@ -179,63 +268,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         absmax: FloatTensor<Self>,
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
-        matmul::<R, F, I, BT>(dy, packed, absmax, shape, true)
+        let w = dequantize::<R, F, I, BT>(packed, absmax, shape, dy.dtype);
+        Self::float_matmul(dy, w)
     }
-}
-
-/// `x [m, k] @ W^T -> [m, n]`, or with `transposed` `dy [m, n] @ W -> [m, k]`, for `W [n, k]`.
-fn matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    input: CubeTensor<R>,
-    packed: CubeTensor<R>,
-    absmax: CubeTensor<R>,
-    shape: [usize; 2],
-    transposed: bool,
-) -> CubeTensor<R> {
-    let [n, k] = shape;
-    let (inner, cols) = if transposed { (n, k) } else { (k, n) };
-    let input = into_contiguous(input);
-    let m = input.meta.shape().num_elements() / inner;
-    let packed = into_contiguous(packed);
-    let absmax = absmax_f32::<R, F, I, BT>(absmax);
-    let lut = lut::<R, F, I, BT>(&input.device);
-    let out = empty::<R, F>(&input, [m, cols]);
-    let client = input.client.clone();
-    let cube_dim = CubeDim::new(&client, m * cols);
-    let cube_count = calculate_cube_count_elemwise(&client, m * cols, cube_dim);
-    let args = (
-        input.into_tensor_arg(),
-        packed.into_tensor_arg(),
-        absmax.into_tensor_arg(),
-        lut.into_tensor_arg(),
-    );
-    if transposed {
-        kernels::matmul_t::launch::<F, I, R>(
-            &client,
-            cube_count,
-            cube_dim,
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            out.clone().into_tensor_arg(),
-            k,
-            n,
-            BLOCK,
-        );
-    } else {
-        kernels::matmul::launch::<F, I, R>(
-            &client,
-            cube_count,
-            cube_dim,
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            out.clone().into_tensor_arg(),
-            k,
-            n,
-            BLOCK,
-        );
-    }
-    out
 }

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The one-call GPU measurement (NVIDIA), for whoever has a GPU at hand. In this order:
+#   1. smoke: `score` on the tiny fixture against expected.json (HF), and a 4-step NF4
+#      fine-tune on the GPU against the same run on the CPU (per-step losses, f32);
+#   2. the NF4 product paths (decode GEMV vs dequantize + matmul) at 1..64 rows on phi-2's fc1:
+#      where the GEMV stops winning is what DEFAULT_NF4_GEMV_MAX_ROWS should be;
+#   3. QLoRA training, phitune `bench --train` and transformers + PEFT + bitsandbytes
+#      (benches/hf_train.py), alternately, on phi-2's real configuration with random weights,
+#      bf16 compute, gradient checkpointing on for both, at micro-batch 2 x 128 (the seed's) and
+#      16 x 512: tokens/s, peak device memory, forward/backward/optimizer time, MFU
+#      (4 x 2.78e9 x tokens/s over the card's dense bf16 peak), and phitune's NF4 + LoRA decode
+#      speed from the trained model;
+#   4. one table, printed last and written to $OUT/gpu.md (raw JSON lines in $OUT/gpu.jsonl).
+#
+# The GPU machine needs no Rust and no network: build here and send the binary along,
+#   cargo build --release --features cuda && gzip -kf target/release/phitune
+# then, there (torch, transformers and peft installed; bitsandbytes from a wheel):
+#   OUT=/tmp/out BNB_WHEEL=bitsandbytes-....whl benches/gpu.sh
+# DRY_RUN=1 benches/gpu.sh runs every step here on the CPU at toy sizes (checks the script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-target/gpu-bench}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+: > "$OUT/gpu.jsonl"
+log() { echo "== $*" >&2; }
+
+BIN=${PHITUNE:-target/release/phitune}
+if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
+  gunzip -c "$BIN.gz" > "$OUT/phitune" && chmod +x "$OUT/phitune" && BIN="$OUT/phitune"
+fi
+[ -x "$BIN" ] || { echo "no phitune binary at $BIN (or $BIN.gz)" >&2; exit 1; }
+
+if [ -n "${DRY_RUN:-}" ]; then
+  DEVICE=cpu DTYPE=f32 CONFIG=bench QUANT_HF=none STEPS=2 WARMUP=1
+  SETTINGS="2x32 4x64" ROWS=1,2,8 HF_DEVICE=cpu GC_HF=""
+else
+  DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bf16} CONFIG=phi-2 QUANT_HF=nf4 STEPS=${STEPS:-10}
+  WARMUP=${WARMUP:-3} SETTINGS=${SETTINGS:-"2x128 16x512"} ROWS=1,2,4,8,16,32,64 HF_DEVICE=cuda
+  GC_HF=--grad-checkpointing
+  if [ -n "${BNB_WHEEL:-}" ] && ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
+    log "installing $BNB_WHEEL"
+    "$PY" -m pip install --no-index --no-deps -q "$BNB_WHEEL"
+  fi
+fi
+
+# Peak device memory of a command: nvidia-smi sampled every 100 ms (the whole device, so the
+# CUDA context counts for both sides alike); empty without nvidia-smi.
+run_sampled() {
+  local mem="$OUT/mem.txt"
+  : > "$mem"
+  local sampler=""
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" &
+    sampler=$!
+  fi
+  local status=0
+  "$@" || status=$?
+  [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null || true
+  PEAK_MIB=$(sort -n "$mem" | tail -1)
+  return $status
+}
+
+record() { # name, json line, peak MiB
+  "$PY" - "$1" "$2" "${3:-}" >> "$OUT/gpu.jsonl" <<'EOF'
+import json, sys
+v = json.loads(sys.argv[2])
+v["step_name"] = sys.argv[1]
+if sys.argv[3]:
+    v["device_peak_mib"] = float(sys.argv[3])
+print(json.dumps(v))
+EOF
+}
+
+log "smoke: score on $DEVICE against HF"
+TEXTS=()
+while IFS= read -r t; do TEXTS+=(--text "$t"); done < <("$PY" -c '
+import json; e = json.load(open("tests/fixtures/expected.json"))
+print("\n".join(c["text"] for c in e["tiny-phi"]["score"]))')
+"$BIN" score --device "$DEVICE" --dtype f32 --model tests/fixtures/tiny-phi "${TEXTS[@]}" > "$OUT/score.jsonl"
+SMOKE_SCORE=$("$PY" - "$OUT/score.jsonl" <<'EOF'
+import json, sys
+exp = json.load(open("tests/fixtures/expected.json"))["tiny-phi"]["score"]
+got = [json.loads(l) for l in open(sys.argv[1])]
+worst = max(abs(a - b) for g, e in zip(got, exp) for a, b in zip(g["nll"], e["nll"]))
+same = all(g["tokens"] == e["tokens"] for g, e in zip(got, exp))
+print(f"{'ok' if same and worst < 1e-3 else 'FAILED'}: max |NLL - HF| {worst:.2e}")
+EOF
+)
+log "smoke: 4-step NF4 fine-tune, $DEVICE vs cpu"
+for d in "$DEVICE" cpu; do
+  rm -rf "$OUT/train-$d"
+  "$BIN" train --device "$d" --dtype f32 --model tests/fixtures/tiny-phi \
+    --data data/samples/persona_chat_sample.jsonl --out "$OUT/train-$d" --max-steps 4 \
+    --micro-batch 2 --grad-accum 2 --lr 1e-3 --lora-dropout 0.1 --quant nf4 \
+    --valid-fraction 0.1 --eval-rows 4 --eval-every 4 --save-every 4 --no-dashboard \
+    > /dev/null 2> "$OUT/train-$d.log"
+done
+SMOKE_TRAIN=$("$PY" - "$OUT/train-$DEVICE" "$OUT/train-cpu" <<'EOF'
+import json, sys
+def losses(d):
+    return [r["loss"] for r in map(json.loads, open(d + "/metrics.jsonl")) if r["split"] == "train"]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+worst = max(abs(x - y) for x, y in zip(a, b))
+print(f"{'ok' if len(a) == 4 and worst < 2e-3 else 'FAILED'}: max |loss - cpu| {worst:.2e} over {len(a)} steps")
+EOF
+)
+
+log "NF4 paths at $ROWS rows"
+"$BIN" bench --device "$DEVICE" --dtype "$DTYPE" --config "$CONFIG" --nf4-rows "$ROWS" \
+  --repeats 5 2> "$OUT/nf4-rows.log" > "$OUT/nf4-rows.json"
+record nf4-rows "$(cat "$OUT/nf4-rows.json")"
+
+for setting in $SETTINGS; do
+  B=${setting%x*} S=${setting#*x}
+  log "training $B x $S: phitune"
+  run_sampled "$BIN" bench --train --device "$DEVICE" --dtype "$DTYPE" --config "$CONFIG" \
+    --quant nf4 --grad-checkpointing true --micro-batch "$B" --seq-len "$S" --steps "$STEPS" \
+    --warmup-steps "$WARMUP" --prompt-len 32 --new-tokens 64 --repeats 2 \
+    2> "$OUT/phitune-$setting.log" > "$OUT/phitune-$setting.json"
+  record "phitune $setting" "$(cat "$OUT/phitune-$setting.json")" "$PEAK_MIB"
+  log "training $B x $S: transformers + PEFT + bitsandbytes"
+  run_sampled "$PY" benches/hf_train.py --config "$CONFIG" --device "$HF_DEVICE" --dtype "$DTYPE" \
+    --quant "$QUANT_HF" $GC_HF --micro-batch "$B" --seq-len "$S" --steps "$STEPS" \
+    --warmup-steps "$WARMUP" --weights-dir "$OUT/hf-weights" \
+    2> "$OUT/hf-$setting.log" > "$OUT/hf-$setting.json"
+  record "hf $setting" "$(cat "$OUT/hf-$setting.json")" "$PEAK_MIB"
+done
+
+"$PY" - "$OUT/gpu.jsonl" "$SMOKE_SCORE" "$SMOKE_TRAIN" "${PEAK_TFLOPS:-}" > "$OUT/gpu.md" <<'EOF'
+import json, subprocess, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+gpu = "cpu (dry run)"
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
+except Exception:
+    pass
+# Dense bf16 peak of the card, FLOP/s (PEAK_TFLOPS overrides).
+peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+peak = float(sys.argv[4]) * 1e12 if sys.argv[4] else next((v for k, v in peaks.items() if k in gpu), None)
+out = [f"GPU: {gpu}", "", f"smoke score: {sys.argv[2]}", f"smoke fine-tune: {sys.argv[3]}", ""]
+out += ["| setting | impl | tokens/s | vs HF | step s | fwd s | bwd s | opt s | peak device MiB | reported peak GiB | MFU | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+hf = {r["step_name"].split()[1]: r["report"]["tokens_per_s"] for r in rows if r["step_name"].startswith("hf ")}
+for r in rows:
+    if r["step_name"] == "nf4-rows":
+        continue
+    impl, setting = r["step_name"].split()
+    rep = r["report"]
+    tps = rep["tokens_per_s"]
+    mfu = f"{4 * 2.78e9 * tps / peak:.1%}" if peak else "-"
+    reported = rep.get("peak_memory_gib") or rep.get("peak_device_gib") or rep.get("peak_rss_gib")
+    dec = rep.get("generation", {}).get("decode_tokens_per_s")
+    out.append("| {} | {} | {:.0f} | {} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {} | {} | {} | {} |".format(
+        setting, r.get("impl", impl), tps, f"{tps / hf[setting]:.2f}x" if setting in hf else "-",
+        rep["step_s"], rep["forward_s"], rep["backward_s"], rep["optimizer_s"],
+        f"{r['device_peak_mib']:.0f}" if "device_peak_mib" in r else "-",
+        f"{reported:.2f}" if reported else "-", mfu, f"{dec:.1f}" if dec else "-"))
+nf4 = next((r for r in rows if r["step_name"] == "nf4-rows"), None)
+if nf4:
+    rep = nf4["report"]
+    out += ["", f"NF4 product on fc1 {rep['shape']} (default GEMV below {rep['default_gemv_max_rows']} rows):", "",
+            "| rows | GEMV us | dequantize + matmul us | GEMV weight GB/s |", "|---|---|---|---|"]
+    out += [f"| {t['m']} | {t['gemv_us']:.1f} | {t['dequantize_matmul_us']:.1f} | {t['gemv_weight_gb_s']:.0f} |" for t in rep["rows"]]
+print("\n".join(out))
+EOF
+cat "$OUT/gpu.md"

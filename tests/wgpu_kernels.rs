@@ -1,0 +1,213 @@
+//! The CubeCL kernels (through `Fusion<CubeBackend<Wgpu>>`, what `burn::backend::Wgpu` is)
+//! against the dense computation and the CPU backend. Runs on any Vulkan driver, including
+//! Mesa's software one (lavapipe) in CI, where plane operations are off and the
+//! shared-memory reductions run: `VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json`.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use phitune_model::ops::{self, Nf4Host};
+
+type W = Wgpu<f32>;
+type AW = Autodiff<W>;
+type C = NdArray<f32, i32>;
+type AC = Autodiff<C>;
+
+fn host(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    common::nf4::host_weight(1, n, seed)
+        .into_iter()
+        .map(|v| v * 10.0 * scale)
+        .collect()
+}
+
+fn values<BB: Backend, const D: usize>(t: Tensor<BB, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= tol, "{what}: max |difference| {worst} > {tol}");
+}
+
+/// Both NF4 paths (the decode GEMV below `NF4_GEMV_MAX_ROWS` rows, dequantize + matmul at or
+/// above it), forward and input gradient, against dequantize + dense matmul: `m` = 1, 3 and
+/// 300, widths that are not multiples of 64 (blocks straddle rows) or of 8 (words straddle
+/// rows), and feature counts that are not multiples of the GEMV's 8 per cube.
+#[test]
+fn nf4_gemv_and_dequantize_matmul_match_dense() {
+    let limit = ops::nf4_gemv_max_rows();
+    assert!(3 < limit && 300 >= limit, "both paths are exercised");
+    common::nf4::check_fused::<AW>(
+        &Default::default(),
+        &[
+            (1, 300, 128),
+            (3, 70, 96),
+            (1, 13, 37),
+            (300, 40, 200),
+            (300, 33, 37),
+        ],
+    );
+}
+
+/// f16 where the adapter has shader-f16 (lavapipe: when the CPU has F16C): both NF4 paths in
+/// half precision against the f32 dense computation on the CPU.
+#[test]
+fn nf4_in_f16_where_the_driver_has_it() {
+    type H = Wgpu<half::f16>;
+    let device = Default::default();
+    if !<H as Backend>::supports_dtype(&device, DType::F16) {
+        eprintln!("skipped: this adapter has no shader-f16");
+        return;
+    }
+    for (m, out, inp) in [(1usize, 70usize, 128usize), (3, 33, 96), (64, 40, 200)] {
+        let w = common::nf4::host_weight(out, inp, 5);
+        let q = Nf4Host::quantize(&w, [out, inp], true);
+        let x = host(m * inp, 9, 1.0);
+        let dense = Tensor::<C, 2>::from_data(
+            TensorData::new(q.dequantize(), [out, inp]),
+            &Default::default(),
+        );
+        let want = values(
+            Tensor::<C, 2>::from_data(TensorData::new(x.clone(), [m, inp]), &Default::default())
+                .matmul(dense.transpose()),
+        );
+        let (packed, absmax) = common::nf4::upload::<H>(&q, &device);
+        let xh = Tensor::<H, 2>::from_data(TensorData::new(x, [m, inp]), &device);
+        let got = values(ops::nf4_linear(xh, packed, absmax, [out, inp]));
+        assert_close(
+            &got,
+            &want,
+            5e-3 * (inp as f32).sqrt(),
+            &format!("f16 {m}x{out}x{inp}"),
+        );
+    }
+}
+
+/// Cross-entropy forward (nll, log-sum-exp, argmax) and backward on wgpu equal the CPU's, with
+/// ignored targets, a vocabulary that is not a multiple of the cube size, and ties for the
+/// argmax (the first index wins).
+#[test]
+fn cross_entropy_matches_the_cpu() {
+    let (n, v) = (37usize, 1003usize);
+    let mut logits = host(n * v, 3, 3.0);
+    logits[5 * v + 17] = 50.0;
+    logits[5 * v + 900] = 50.0;
+    let targets: Vec<i32> = (0..n as i32)
+        .map(|i| {
+            if i % 5 == 3 {
+                -100
+            } else {
+                (i * 7919) % v as i32
+            }
+        })
+        .collect();
+    let weights = host(n, 4, 1.0);
+    fn side<BB: burn::tensor::backend::AutodiffBackend + ops::FusedOps>(
+        logits: &[f32],
+        targets: &[i32],
+        weights: &[f32],
+        [n, v]: [usize; 2],
+    ) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
+        let device = Default::default();
+        let x = Tensor::<BB, 2>::from_data(TensorData::new(logits.to_vec(), [n, v]), &device)
+            .require_grad();
+        let t = Tensor::<BB, 1, Int>::from_data(TensorData::new(targets.to_vec(), [n]), &device);
+        let w = Tensor::<BB, 1>::from_data(TensorData::new(weights.to_vec(), [n]), &device);
+        let (nll, argmax) = ops::cross_entropy(x.clone(), t);
+        let grads = (nll.clone() * w).sum().backward();
+        let g = x.grad(&grads).unwrap();
+        let arg = argmax
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .unwrap();
+        (values(nll), arg, values(g))
+    }
+    let (nll_w, arg_w, g_w) = side::<AW>(&logits, &targets, &weights, [n, v]);
+    let (nll_c, arg_c, g_c) = side::<AC>(&logits, &targets, &weights, [n, v]);
+    assert_close(&nll_w, &nll_c, 1e-4, "nll");
+    assert_eq!(arg_w, arg_c, "argmax");
+    assert_eq!(arg_w[5], 17, "ties go to the first index");
+    assert_close(&g_w, &g_c, 1e-6, "d nll / d logits");
+    assert!(
+        nll_w[3] == 0.0 && g_w[3 * v..4 * v].iter().all(|&g| g == 0.0),
+        "ignored row"
+    );
+}
+
+/// `gelu_new`, the rotary embedding (partial: 6 of 10 channels) and their backwards on wgpu
+/// equal the CPU's.
+#[test]
+fn gelu_and_rope_match_the_cpu() {
+    fn side<BB: burn::tensor::backend::AutodiffBackend + ops::FusedOps>(
+        x: &[f32],
+        r: &[f32],
+        tables: (&[f32], &[f32]),
+        dims: [usize; 4],
+    ) -> [Vec<f32>; 4] {
+        let device = Default::default();
+        let [_, s, _, _] = dims;
+        let xt =
+            Tensor::<BB, 4>::from_data(TensorData::new(x.to_vec(), dims), &device).require_grad();
+        let rt = Tensor::<BB, 4>::from_data(TensorData::new(r.to_vec(), dims), &device);
+        let cos = Tensor::<BB, 2>::from_data(TensorData::new(tables.0.to_vec(), [s, 6]), &device);
+        let sin = Tensor::<BB, 2>::from_data(TensorData::new(tables.1.to_vec(), [s, 6]), &device);
+        let g = ops::gelu_tanh(xt.clone());
+        let gx = xt.grad(&(g.clone() * rt.clone()).sum().backward()).unwrap();
+        let x2 = xt.detach().require_grad();
+        let y = ops::rope(x2.clone(), &cos, &sin);
+        let yx = x2.grad(&(y.clone() * rt).sum().backward()).unwrap();
+        [values(g), values(gx), values(y), values(yx)]
+    }
+    let dims = [2usize, 7, 3, 10];
+    let n: usize = dims.iter().product();
+    let x = host(n, 11, 4.0);
+    let r = host(n, 12, 1.0);
+    let angles: Vec<f32> = (0..7 * 6)
+        .map(|i| (i / 6) as f32 * 0.3 * (1 + i % 3) as f32)
+        .collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    let w = side::<AW>(&x, &r, (&cos, &sin), dims);
+    let c = side::<AC>(&x, &r, (&cos, &sin), dims);
+    for (i, what) in ["gelu", "gelu backward", "rope", "rope backward"]
+        .iter()
+        .enumerate()
+    {
+        assert_close(&w[i], &c[i], 2e-5, what);
+    }
+}
+
+/// The same dropout stream draws exactly the same mask on wgpu as on the CPU, forward and
+/// backward (the gradient is masked the same way).
+#[test]
+fn dropout_masks_are_the_cpus() {
+    fn side<BB: burn::tensor::backend::AutodiffBackend + ops::FusedOps>(
+        x: &[f32],
+    ) -> [Vec<f32>; 3] {
+        let device = Default::default();
+        let xt = Tensor::<BB, 2>::from_data(TensorData::new(x.to_vec(), [40, 77]), &device)
+            .require_grad();
+        ops::start_dropout_stream(2024);
+        let a = ops::dropout(xt.clone(), 0.3);
+        let b = ops::dropout(xt.clone(), 0.05);
+        let g = xt.grad(&(a.clone() * 2.0).sum().backward()).unwrap();
+        [values(a), values(b), values(g)]
+    }
+    let x = host(40 * 77, 21, 1.0);
+    let w = side::<AW>(&x);
+    let c = side::<AC>(&x);
+    for i in 0..3 {
+        assert_eq!(w[i], c[i], "output {i}");
+    }
+    let dropped = w[0].iter().filter(|&&v| v == 0.0).count() as f64 / w[0].len() as f64;
+    assert!((dropped - 0.3).abs() < 0.03, "dropped {dropped}");
+}
