@@ -74,9 +74,9 @@ EOF
 
 log "smoke: score on $DEVICE against HF"
 TEXTS=()
-while IFS= read -r t; do TEXTS+=(--text "$t"); done < <("$PY" -c '
-import json; e = json.load(open("tests/fixtures/expected.json"))
-print("\n".join(c["text"] for c in e["tiny-phi"]["score"]))')
+while IFS= read -r -d '' t; do TEXTS+=(--text "$t"); done < <("$PY" -c '
+import json, sys; e = json.load(open("tests/fixtures/expected.json"))
+sys.stdout.write("".join(c["text"] + "\0" for c in e["tiny-phi"]["score"]))')
 "$BIN" score --device "$DEVICE" --dtype f32 --model tests/fixtures/tiny-phi "${TEXTS[@]}" > "$OUT/score.jsonl"
 SMOKE_SCORE=$("$PY" - "$OUT/score.jsonl" <<'EOF'
 import json, sys
