@@ -8,7 +8,7 @@ micro-batch of random tokens per optimizer step, causal-LM loss on every token.
 
     python benches/hf_train.py --config bench|phi-2 [--device cpu|cuda] [--quant none|nf4]
         [--dtype f32|bf16|f16] [--micro-batch 2] [--seq-len 128] [--steps 10] [--warmup-steps 3]
-        [--threads N] [--grad-checkpointing] [--weights-dir DIR]
+        [--threads N] [--grad-checkpointing] [--weights-dir DIR] [--batches FILE]
 
 "bench" is phi-2's vocabulary and head geometry with hidden 640, 8 heads, 4 layers,
 intermediate 2560 (as `phitune bench --config bench`); "phi-2" is microsoft/phi-2's real
@@ -16,6 +16,10 @@ configuration. --quant nf4 loads the base through bitsandbytes (NF4, double quan
 --dtype), as the seed recipe does; it needs a CUDA device. The random base is saved to
 --weights-dir (a temporary directory by default) and loaded back from there: a second run with
 the same --weights-dir skips the initialisation (benches/gpu.sh runs two settings so).
+
+--batches FILE takes the micro-batches `phitune bench --train --data ... --batches-out FILE`
+wrote (the same rows and tokens, labels -100 outside the loss, attention mask over the real
+tokens, as TRL builds them) instead of random tokens; tokens/s then counts real tokens only.
 
 Prints one JSON line with the same fields as `phitune bench --train`'s "report":
 tokens_per_s (steady state: timed steps only), median step/forward/backward/optimizer seconds,
@@ -62,6 +66,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--weights-dir", default=None)
+    ap.add_argument("--batches", default=None)
     args = ap.parse_args()
 
     import peft
@@ -120,17 +125,29 @@ def main():
     )
 
     b, s = args.micro_batch, args.seq_len
+    batches = [json.loads(line) for line in open(args.batches)] if args.batches else None
+    real_tokens = 0
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     fwd, bwd, optt, steps = [], [], [], []
     first = last = float("nan")
     for step in range(args.warmup_steps + args.steps):
-        ids = (torch.arange(b * s) * 7919 + step * 104729 + 13) % config.vocab_size
-        ids = ids.reshape(b, s).to(args.device)
+        if batches:
+            hb = batches[step % len(batches)]
+            ids = torch.tensor(hb["input_ids"], device=args.device)
+            labels = torch.tensor(hb["labels"], device=args.device)
+            mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(hb["lengths"])[:, None])
+            mask = mask.long().to(args.device)
+            n_real = sum(hb["lengths"])
+        else:
+            ids = (torch.arange(b * s) * 7919 + step * 104729 + 13) % config.vocab_size
+            ids = labels = ids.reshape(b, s).to(args.device)
+            mask = None
+            n_real = b * s
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
         loss = out.loss.float().item()  # the loss on the host, as the Rust side reads it
         t1 = time.perf_counter()
         out.loss.backward()
@@ -144,6 +161,7 @@ def main():
             first = loss
         last = loss
         if step >= args.warmup_steps:
+            real_tokens += n_real
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             optt.append(t3 - t2)
@@ -158,7 +176,7 @@ def main():
         "threads": torch.get_num_threads(), "micro_batch": b, "seq_len": s,
         "grad_checkpointing": args.grad_checkpointing,
         "report": {
-            "tokens_per_s": args.steps * b * s / sum(steps),
+            "tokens_per_s": real_tokens / sum(steps),
             "step_s": statistics.median(steps), "forward_s": statistics.median(fwd),
             "backward_s": statistics.median(bwd), "optimizer_s": statistics.median(optt),
             "trainable_params": trainable, "loss_first": first, "loss_last": last,

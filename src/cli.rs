@@ -390,4 +390,32 @@ pub struct BenchArgs {
     /// Training: recompute activations in backward.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub grad_checkpointing: bool,
+    /// Training: the vocabulary projection over every position (`full`, as transformers does)
+    /// or over the target positions only, in chunks of rows (`targets`, what `train` runs).
+    #[arg(long, value_enum, default_value_t = BenchHead::Targets)]
+    pub head: BenchHead,
+    /// Training: micro-batches of real rows from this data file (with their real lengths and
+    /// loss masks, in file order, padded per micro-batch) instead of random tokens.
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// With --data: the prompt template.
+    #[arg(long, default_value = "persona")]
+    pub template: phitune_data::Template,
+    /// With --data: the template's maximum length.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// With --data: the tokenizer, from a model directory (tokenizer.json, config.json);
+    /// default: --model.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// With --data: also write the micro-batches as JSON lines (input_ids, labels with -100)
+    /// for `benches/hf_train.py --batches`, so both sides train on the same tokens.
+    #[arg(long)]
+    pub batches_out: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchHead {
+    Full,
+    Targets,
 }

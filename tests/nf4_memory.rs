@@ -3,37 +3,13 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[path = "common/counting.rs"]
+mod counting;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Distribution, Int, Tensor};
 use common::nf4::{host_weight, upload};
 use phitune_model::ops::{self, Nf4Host};
-
-/// Counts live heap bytes and the peak, to prove what is (not) allocated.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
 
 type A = Autodiff<NdArray<f32, i32>>;
 
@@ -55,17 +31,16 @@ fn autodiff_keeps_no_dense_weights() {
     let x =
         Tensor::<A, 2>::random([2, inp], Distribution::Normal(0.0, 1.0), &device).require_grad();
     let dense_bytes = out * inp * 4;
-    let base = LIVE.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
+    let base = counting::start();
     let mut h = x.clone();
     for (packed, absmax) in &weights {
         h = ops::nf4_linear(h, packed.clone(), absmax.clone(), [out, inp]);
     }
-    let after_forward = LIVE.load(Ordering::SeqCst);
+    let after_forward = counting::live();
     let grads = h.sum().backward();
     let gx = x.grad(&grads).unwrap();
     assert_eq!(gx.dims(), [2, inp]);
-    let peak = PEAK.load(Ordering::SeqCst).saturating_sub(base);
+    let peak = counting::peak_since(base);
     assert!(
         after_forward.saturating_sub(base) < dense_bytes / 4,
         "the forward pass retained {} bytes (a dense weight is {dense_bytes})",

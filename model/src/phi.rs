@@ -82,6 +82,30 @@ impl<B: Nf4Backend> Phi<B> {
         self.lm_head.forward(self.final_layernorm.forward(h))
     }
 
+    /// The final hidden states `[batch, seq, hidden]` (after the final LayerNorm): what the
+    /// head reads.
+    pub fn final_hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.final_layernorm.forward(self.hidden(ids, None))
+    }
+
+    /// The head's cross-entropy for the final hidden states of the target rows only, `h [t,
+    /// hidden]` against `targets [t]`, `chunk` rows of logits at a time:
+    /// `(nll [t] f32, argmax [t])`.
+    pub fn head_cross_entropy(
+        &self,
+        h: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+        chunk: usize,
+    ) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+        crate::ops::head_cross_entropy(
+            h,
+            self.lm_head.dense_weight(),
+            self.lm_head.bias.clone(),
+            targets,
+            chunk,
+        )
+    }
+
     /// Runs `ids` (the positions after those already in `cache`) and appends them to the cache.
     /// Returns the logits of the last position only, `[batch, vocab]`: all generation needs,
     /// and it spares the vocab projection of every prompt position.

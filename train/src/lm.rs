@@ -19,6 +19,8 @@ use phitune_model::ops::cross_entropy;
 pub struct CausalLm<B: Backend> {
     pub phi: Phi<B>,
     pub loss_scale: f64,
+    #[module(skip)]
+    pub head: Head,
     /// Dropout masks come from a seed stream started from this and the batch's position before
     /// every training step: a resumed run (on any backend) draws the same masks.
     pub seed: u64,
@@ -36,6 +38,10 @@ pub struct Item {
 pub struct LmBatch<B: Backend> {
     pub input_ids: Tensor<B, 2, Int>,
     pub labels: Tensor<B, 2, Int>,
+    /// Row-major positions (in the flattened `[batch * seq]`) whose next-token label counts,
+    /// and those labels: what the target-only head reads.
+    pub target_rows: Tensor<B, 1, Int>,
+    pub target_ids: Tensor<B, 1, Int>,
     /// Position of the first example in the training stream.
     pub position: u64,
     pub sequences: usize,
@@ -55,19 +61,77 @@ impl<B: Backend> Batcher<B, Item, LmBatch<B>> for LmBatcher {
         let position = items.first().map_or(0, |i| i.position);
         let examples: Vec<Example> = items.into_iter().map(|i| i.example).collect();
         let h = collate(&examples, self.pad_id);
-        let targets = examples
-            .iter()
-            .map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count())
-            .sum();
         let tokens = examples.iter().map(|e| e.len).sum();
-        let t = |v: Vec<i64>| Tensor::from_data(TensorData::new(v, [h.batch, h.seq]), device);
-        LmBatch {
-            input_ids: t(h.input_ids),
-            labels: t(h.labels),
+        LmBatch::from_host(
+            h.input_ids,
+            h.labels,
+            [h.batch, h.seq],
             position,
-            sequences: h.batch,
+            tokens,
+            device,
+        )
+    }
+}
+
+impl<B: Backend> LmBatch<B> {
+    /// A batch from row-major host ids and labels `[batch, seq]` (`IGNORE` where the token does
+    /// not count); `tokens` are the real (non-pad) tokens.
+    pub fn from_host(
+        input_ids: Vec<i64>,
+        labels: Vec<i64>,
+        [batch, seq]: [usize; 2],
+        position: u64,
+        tokens: usize,
+        device: &B::Device,
+    ) -> Self {
+        // Position p predicts label p + 1; the last position of a row predicts nothing.
+        let (mut rows, mut ids) = (Vec::new(), Vec::new());
+        for r in 0..batch {
+            for p in 0..seq.saturating_sub(1) {
+                let label = labels[r * seq + p + 1];
+                if label != IGNORE {
+                    rows.push((r * seq + p) as i64);
+                    ids.push(label);
+                }
+            }
+        }
+        let targets = rows.len();
+        let t2 = |v: Vec<i64>| Tensor::from_data(TensorData::new(v, [batch, seq]), device);
+        let t1 = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::from_data(TensorData::new(v, [n]), device)
+        };
+        LmBatch {
+            input_ids: t2(input_ids),
+            labels: t2(labels),
+            target_rows: t1(rows),
+            target_ids: t1(ids),
+            position,
+            sequences: batch,
             targets,
             tokens,
+        }
+    }
+}
+
+/// Rows of logits per chunk in the target-only head: a `[chunk, vocab]` f32 buffer (phi-2:
+/// 1024 x 51200 x 4 bytes = 210 MB) is the most the head holds at once, forward or backward.
+pub const HEAD_CHUNK_ROWS: usize = 1024;
+
+/// How the training objective computes the vocabulary projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Logits at every position of every sequence (`[batch * seq, vocab]`), masked afterwards:
+    /// what transformers does, kept for comparison.
+    Full,
+    /// Only the positions whose label counts, `chunk` rows of logits at a time.
+    Targets { chunk: usize },
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Head::Targets {
+            chunk: HEAD_CHUNK_ROWS,
         }
     }
 }
@@ -117,12 +181,57 @@ impl<B: Nf4Backend> CausalLm<B> {
         Self {
             phi,
             loss_scale,
+            head: Head::default(),
             seed,
         }
     }
 
+    pub fn with_head(mut self, head: Head) -> Self {
+        self.head = head;
+        self
+    }
+
     /// Mean loss over the batch's target tokens (a `[1]` tensor) and the batch's statistics.
     pub fn objective(&self, batch: &LmBatch<B>) -> (Tensor<B, 1>, LmStats) {
+        let (nll_sum, correct) = match self.head {
+            Head::Targets { chunk } if batch.targets > 0 => self.target_head(batch, chunk),
+            _ => self.full_head(batch),
+        };
+        let loss = nll_sum.clone() / (batch.targets.max(1) as f64);
+        let host = Tensor::cat(
+            vec![nll_sum.detach(), correct.float().cast(FloatDType::F32)],
+            0,
+        )
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .unwrap_or_default();
+        let stats = LmStats {
+            nll_sum: host.first().copied().unwrap_or(f64::NAN),
+            targets: batch.targets,
+            correct: host.get(1).map_or(0, |&c| c as usize),
+            tokens: batch.tokens,
+            sequences: batch.sequences,
+            seconds: 0.0,
+        };
+        (loss, stats)
+    }
+
+    /// `(sum of the targets' nll (f32), correct predictions)` through the head over the target
+    /// rows only, in chunks.
+    fn target_head(&self, batch: &LmBatch<B>, chunk: usize) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+        let h = self.phi.final_hidden(batch.input_ids.clone());
+        let [b, s, d] = h.dims();
+        let h = h.reshape([b * s, d]).select(0, batch.target_rows.clone());
+        let (nll, predicted) = self
+            .phi
+            .head_cross_entropy(h, batch.target_ids.clone(), chunk);
+        let correct = predicted.equal(batch.target_ids.clone()).int().sum();
+        (nll.sum(), correct)
+    }
+
+    /// The same through logits at every position.
+    fn full_head(&self, batch: &LmBatch<B>) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
         let [b, s] = batch.input_ids.dims();
         let device = batch.labels.device();
         let logits = self
@@ -144,25 +253,7 @@ impl<B: Nf4Backend> CausalLm<B> {
             .bool_and(targets.greater_equal_elem(0))
             .int()
             .sum();
-        let nll_sum = nll.sum();
-        let loss = nll_sum.clone() / (batch.targets.max(1) as f64);
-        let host = Tensor::cat(
-            vec![nll_sum.detach(), correct.float().cast(FloatDType::F32)],
-            0,
-        )
-        .into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .unwrap_or_default();
-        let stats = LmStats {
-            nll_sum: host.first().copied().unwrap_or(f64::NAN),
-            targets: batch.targets,
-            correct: host.get(1).map_or(0, |&c| c as usize),
-            tokens: batch.tokens,
-            sequences: batch.sequences,
-            seconds: 0.0,
-        };
-        (loss, stats)
+        (nll.sum(), correct)
     }
 }
 

@@ -49,6 +49,32 @@ impl<B: Nf4Backend> Backward<B, 1> for FrozenMatmulBackward {
     }
 }
 
+#[derive(Debug)]
+struct HeadCrossEntropyBackward;
+
+impl<B: Nf4Backend> Backward<B, 1> for HeadCrossEntropyBackward {
+    /// `(h, w, bias, targets, lse, chunk)`: the hidden states of the target rows and the
+    /// frozen head, never logits.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        Option<FloatTensor<B>>,
+        IntTensor<B>,
+        FloatTensor<B>,
+        usize,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_h] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (h, w, bias, targets, lse, chunk) = ops.state;
+        if let Some(node) = node_h {
+            let dh = B::head_cross_entropy_backward(h, w, bias, targets, lse, grad, chunk);
+            grads.register::<B>(node.id, dh);
+        }
+    }
+}
+
 impl<B: Nf4Backend, C: CheckpointStrategy> Nf4Backend for Autodiff<B, C> {
     fn nf4_dequantize(
         packed: IntTensor<Self>,
@@ -108,6 +134,60 @@ impl<B: Nf4Backend, C: CheckpointStrategy> Nf4Backend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(x.primitive, w)),
         }
+    }
+
+    fn head_cross_entropy(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> CrossEntropy<Self> {
+        // The head is frozen: its weight and bias are constants of the graph.
+        let (w, bias) = (Self::inner(w), bias.map(Self::inner));
+        let inner = B::head_cross_entropy(
+            h.primitive.clone(),
+            w.clone(),
+            bias.clone(),
+            targets.clone(),
+            chunk,
+        );
+        let lse = Self::from_inner(inner.lse.clone());
+        let nll = match HeadCrossEntropyBackward
+            .prepare::<C>([h.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((h.primitive, w, bias, targets, inner.lse, chunk), inner.nll)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(inner.nll),
+        };
+        CrossEntropy {
+            nll,
+            lse,
+            argmax: inner.argmax,
+        }
+    }
+
+    fn head_cross_entropy_backward(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::head_cross_entropy_backward(
+            Self::inner(h),
+            Self::inner(w),
+            bias.map(Self::inner),
+            targets,
+            Self::inner(lse),
+            Self::inner(grad),
+            chunk,
+        ))
     }
 
     fn frozen_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

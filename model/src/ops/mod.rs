@@ -100,6 +100,35 @@ pub trait Nf4Backend: FusedOps {
     fn frozen_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(dy, w)
     }
+
+    /// The language-model head and its cross-entropy, over the rows that have a target only:
+    /// `h [t, hidden]` (final hidden states), the frozen head `w [vocab, hidden]` and `bias
+    /// [vocab]`, `targets [t]` (all kept). `logits = h W^T + bias` (f32) exist for `chunk`
+    /// rows at a time and never for all `t`. Only `nll` is differentiable, with respect to `h`.
+    fn head_cross_entropy(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> CrossEntropy<Self> {
+        reference::head_cross_entropy::<Self>(h, w, bias, targets, chunk)
+    }
+
+    /// `d nll / d h` for the upstream `grad [t]`: the logits are recomputed chunk by chunk,
+    /// so the backward holds one chunk of `[rows, vocab]` at a time too.
+    #[allow(clippy::too_many_arguments)]
+    fn head_cross_entropy_backward(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        reference::head_cross_entropy_backward::<Self>(h, w, bias, targets, lse, grad, chunk)
+    }
 }
 
 /// Per-row results of [`FusedOps::cross_entropy`].
@@ -331,6 +360,28 @@ pub fn gelu_tanh<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(B::gelu_tanh(
         x.into_primitive().tensor(),
     )))
+}
+
+/// The head's cross-entropy over target rows, chunked: `(nll [t], argmax [t])` for the final
+/// hidden states `h [t, hidden]`; see [`Nf4Backend::head_cross_entropy`].
+pub fn head_cross_entropy<B: Nf4Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    targets: Tensor<B, 1, Int>,
+    chunk: usize,
+) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+    let out = B::head_cross_entropy(
+        h.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+        targets.into_primitive(),
+        chunk.max(1),
+    );
+    (
+        Tensor::from_primitive(TensorPrimitive::Float(out.nll)),
+        Tensor::from_primitive(out.argmax),
+    )
 }
 
 /// Cross-entropy over the last dimension: `(nll [n], argmax [n])` for `logits [n, vocab]`.

@@ -117,3 +117,88 @@ pub fn gelu_tanh_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -
     let d = (t + 1.0) * 0.5 + x * dt * du * 0.5;
     shaped_like(d * flat::<B>(grad), &like)
 }
+
+/// `h W^T + bias` of one chunk of rows, in f32.
+fn head_logits<B: super::Nf4Backend>(
+    h: Tensor<B, 2>,
+    w: &FloatTensor<B>,
+    bias: &Option<FloatTensor<B>>,
+) -> Tensor<B, 2> {
+    let logits: Tensor<B, 2> = float(B::frozen_matmul(h.into_primitive().tensor(), w.clone()));
+    let logits = match bias {
+        Some(b) => logits + float::<B, 1>(b.clone()).unsqueeze(),
+        None => logits,
+    };
+    logits.cast(burn::tensor::FloatDType::F32)
+}
+
+/// The rows `start..start + len` of each chunk of `t` rows.
+fn chunks(t: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(chunk.max(1))
+        .map(move |start| (start, chunk.max(1).min(t - start)))
+}
+
+pub fn head_cross_entropy<B: super::Nf4Backend>(
+    h: FloatTensor<B>,
+    w: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    targets: IntTensor<B>,
+    chunk: usize,
+) -> CrossEntropy<B> {
+    let h: Tensor<B, 2> = float(h);
+    let targets: Tensor<B, 1, Int> = Tensor::from_primitive(targets);
+    let t = h.dims()[0];
+    let (mut nll, mut lse, mut argmax) = (vec![], vec![], vec![]);
+    for (start, len) in chunks(t, chunk) {
+        let logits = head_logits::<B>(h.clone().narrow(0, start, len), &w, &bias);
+        let ce = B::cross_entropy(
+            logits.into_primitive().tensor(),
+            targets.clone().narrow(0, start, len).into_primitive(),
+        );
+        nll.push(float::<B, 1>(ce.nll));
+        lse.push(float::<B, 1>(ce.lse));
+        argmax.push(Tensor::<B, 1, Int>::from_primitive(ce.argmax));
+    }
+    CrossEntropy {
+        nll: Tensor::cat(nll, 0).into_primitive().tensor(),
+        lse: Tensor::cat(lse, 0).into_primitive().tensor(),
+        argmax: Tensor::cat(argmax, 0).into_primitive(),
+    }
+}
+
+pub fn head_cross_entropy_backward<B: super::Nf4Backend>(
+    h: FloatTensor<B>,
+    w: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    chunk: usize,
+) -> FloatTensor<B> {
+    let h: Tensor<B, 2> = float(h);
+    let dtype = h.dtype();
+    let targets: Tensor<B, 1, Int> = Tensor::from_primitive(targets);
+    let (lse, grad): (Tensor<B, 1>, Tensor<B, 1>) = (float(lse), float(grad));
+    let t = h.dims()[0];
+    let mut dh = vec![];
+    for (start, len) in chunks(t, chunk) {
+        let logits = head_logits::<B>(h.clone().narrow(0, start, len), &w, &bias);
+        let dlogits: Tensor<B, 2> = float(B::cross_entropy_backward(
+            logits.into_primitive().tensor(),
+            targets.clone().narrow(0, start, len).into_primitive(),
+            lse.clone().narrow(0, start, len).into_primitive().tensor(),
+            grad.clone()
+                .narrow(0, start, len)
+                .cast(burn::tensor::FloatDType::F32)
+                .into_primitive()
+                .tensor(),
+        ));
+        let dlogits = dlogits.cast(dtype);
+        dh.push(float::<B, 2>(B::frozen_matmul_t(
+            dlogits.into_primitive().tensor(),
+            w.clone(),
+        )));
+    }
+    Tensor::cat(dh, 0).into_primitive().tensor()
+}

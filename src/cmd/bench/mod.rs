@@ -68,12 +68,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.micro_batch == 0 || args.seq_len < 2 || args.steps == 0 {
             bail!("--micro-batch and --steps must be positive and --seq-len at least 2");
         }
+        let batches = train::host_batches(&args, &config)?;
         let r = dispatch(
             device,
             dtype,
             train::TrainBench {
                 args: &args,
                 config,
+                batches,
             },
         )?;
         println!(
@@ -88,6 +90,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "micro_batch": args.micro_batch,
                 "seq_len": args.seq_len,
                 "grad_checkpointing": args.grad_checkpointing,
+                "head": format!("{:?}", args.head).to_lowercase(),
+                "data": args.data.as_ref().map(|d| d.display().to_string()),
+                "template": args.data.as_ref().map(|_| args.template.to_string()),
                 "report": r,
             })
         );

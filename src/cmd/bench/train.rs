@@ -7,25 +7,27 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
+use phitune_data::batch::{ExampleDataset, collate};
+use phitune_model::PhiTokenizer;
 use phitune_model::lora::LoraConfig;
 use phitune_model::ops::Nf4Backend;
 use phitune_model::phi::Quantization;
 use phitune_model::{Phi, PhiConfig};
-use phitune_train::lm::{CausalLm, LmBatch};
+use phitune_train::lm::{CausalLm, Head, LmBatch};
 use serde::Serialize;
 
 use super::measure::{GenReport, measure_generation, median, peak_rss_gib};
 use crate::backend::Job;
-use crate::cli::{BenchArgs, Quant};
+use crate::cli::{BenchArgs, BenchHead, Quant};
 
 #[derive(Debug, Serialize)]
 pub struct TrainReport {
+    /// Real (non-pad) tokens per second over the timed steps.
     pub tokens_per_s: f64,
     pub step_s: f64,
     pub forward_s: f64,
@@ -44,50 +46,147 @@ pub struct TrainReport {
 pub struct TrainBench<'a> {
     pub args: &'a BenchArgs,
     pub config: PhiConfig,
+    /// One micro-batch per step (warm-up steps first), prepared on the host.
+    pub batches: Vec<HostBatch>,
+}
+
+/// A micro-batch on the host: `[batch, seq]` ids and labels (`-100` where no loss), and its
+/// real (non-pad) token count.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostBatch {
+    #[serde(skip)]
+    pub shape: [usize; 2],
+    pub input_ids: Vec<Vec<i64>>,
+    pub labels: Vec<Vec<i64>>,
+    /// Real tokens of each row (the rest is padding).
+    pub lengths: Vec<usize>,
+    #[serde(skip)]
+    pub tokens: usize,
+}
+
+impl HostBatch {
+    fn flat(v: &[Vec<i64>]) -> Vec<i64> {
+        v.iter().flatten().copied().collect()
+    }
+}
+
+/// The bench's micro-batches: random tokens (the loss on every token), or real rows of
+/// `--data` with the template's lengths and loss masks (in file order, cycling).
+pub fn host_batches(args: &BenchArgs, config: &PhiConfig) -> Result<Vec<HostBatch>> {
+    let (b, s) = (args.micro_batch, args.seq_len);
+    let steps = args.warmup_steps + args.steps;
+    let Some(data) = &args.data else {
+        let vocab = config.vocab_size as i64;
+        return Ok((0..steps)
+            .map(|step| {
+                let row = |r: usize| -> Vec<i64> {
+                    (0..s)
+                        .map(|j| (((r * s + j) * 7919 + step * 104_729 + 13) as i64) % vocab)
+                        .collect()
+                };
+                let ids: Vec<Vec<i64>> = (0..b).map(row).collect();
+                HostBatch {
+                    shape: [b, s],
+                    labels: ids.clone(),
+                    input_ids: ids,
+                    lengths: vec![s; b],
+                    tokens: b * s,
+                }
+            })
+            .collect());
+    };
+    let dir = args
+        .tokenizer
+        .clone()
+        .or_else(|| args.model.as_ref().map(std::path::PathBuf::from))
+        .context("with --data, give --tokenizer DIR (a model directory with tokenizer.json, e.g. tests/fixtures/tiny-phi) or --model DIR")?;
+    let tok_config = PhiConfig::from_file(&dir.join("config.json"))?;
+    let tok = PhiTokenizer::from_dir(&dir, &tok_config)?;
+    let rows = phitune_data::load::load_path(data, Default::default())?.rows;
+    let examples = ExampleDataset::build(&rows, &tok, args.template, args.max_len)?.examples;
+    if examples.is_empty() {
+        bail!(
+            "{}: no examples fit --max-len {}",
+            data.display(),
+            args.max_len
+        );
+    }
+    let pad = tok.eos_token_ids[0];
+    let batches: Vec<HostBatch> = (0..steps)
+        .map(|step| {
+            let items: Vec<_> = (0..b)
+                .map(|i| examples[(step * b + i) % examples.len()].clone())
+                .collect();
+            let h = collate(&items, pad);
+            let rows =
+                |v: Vec<i64>| -> Vec<Vec<i64>> { v.chunks(h.seq).map(<[i64]>::to_vec).collect() };
+            HostBatch {
+                shape: [h.batch, h.seq],
+                input_ids: rows(h.input_ids),
+                labels: rows(h.labels),
+                lengths: items.iter().map(|e| e.len).collect(),
+                tokens: items.iter().map(|e| e.len).sum(),
+            }
+        })
+        .collect();
+    if let Some(id) = batches
+        .iter()
+        .flat_map(|b| b.input_ids.iter().flatten())
+        .find(|&&id| id as usize >= config.vocab_size)
+    {
+        bail!(
+            "token id {id} of {} is outside the model's vocabulary ({})",
+            dir.display(),
+            config.vocab_size
+        );
+    }
+    if let Some(out) = &args.batches_out {
+        let text: String = batches
+            .iter()
+            .map(|b| serde_json::to_string(b).map(|l| l + "\n"))
+            .collect::<Result<_, _>>()?;
+        std::fs::write(out, text).with_context(|| out.display().to_string())?;
+    }
+    Ok(batches)
 }
 
 impl Job for TrainBench<'_> {
     type Output = TrainReport;
     fn run<B: Nf4Backend>(self, device: B::Device) -> Result<TrainReport> {
         if self.args.grad_checkpointing {
-            run_on::<Autodiff<B, BalancedCheckpointing>>(self.args, &self.config, device)
+            run_on::<Autodiff<B, BalancedCheckpointing>>(self, device)
         } else {
-            run_on::<Autodiff<B>>(self.args, &self.config, device)
+            run_on::<Autodiff<B>>(self, device)
         }
     }
 }
 
-fn run_on<AB>(args: &BenchArgs, config: &PhiConfig, device: AB::Device) -> Result<TrainReport>
+fn run_on<AB>(bench: TrainBench<'_>, device: AB::Device) -> Result<TrainReport>
 where
     AB: AutodiffBackend + Nf4Backend,
     AB::InnerBackend: Nf4Backend,
 {
+    let (args, config) = (bench.args, &bench.config);
     let quant = (args.quant == Quant::Nf4).then_some(Quantization { double_quant: true });
     AB::seed(&device, 42);
     let lora = LoraConfig::seed();
     let phi = Phi::<AB>::random_with(config, &device, quant).with_lora(&lora, 42, &device);
     let trainable = burn::module::Module::num_params(&phi);
-    let mut model = CausalLm::new(phi, 1.0, 42);
+    let head = match args.head {
+        BenchHead::Full => Head::Full,
+        BenchHead::Targets => Head::default(),
+    };
+    let mut model = CausalLm::new(phi, 1.0, 42).with_head(head);
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)
         .init::<AB, CausalLm<AB>>();
-    let (b, s) = (args.micro_batch, args.seq_len);
-    let vocab = config.vocab_size as i64;
     let batch = |step: usize| -> LmBatch<AB> {
-        let ids: Vec<i64> = (0..b * s)
-            .map(|i| ((i * 7919 + step * 104_729 + 13) as i64) % vocab)
-            .collect();
-        let t = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
-        LmBatch {
-            input_ids: t.clone(),
-            labels: t,
-            position: step as u64,
-            sequences: b,
-            targets: b * (s - 1),
-            tokens: b * s,
-        }
+        let h = &bench.batches[step];
+        let (ids, labels) = (HostBatch::flat(&h.input_ids), HostBatch::flat(&h.labels));
+        LmBatch::from_host(ids, labels, h.shape, step as u64, h.tokens, &device)
     };
+    let mut tokens = 0;
     let sync = |d: &AB::Device| {
         let _ = AB::sync(d);
     };
@@ -112,6 +211,7 @@ where
         }
         last = stats.loss();
         if step >= args.warmup_steps {
+            tokens += input.tokens;
             fwd.push((t1 - t0).as_secs_f64());
             bwd.push((t2 - t1).as_secs_f64());
             opt.push((t3 - t2).as_secs_f64());
@@ -129,7 +229,7 @@ where
         &device,
     );
     Ok(TrainReport {
-        tokens_per_s: (args.steps * b * s) as f64 / total,
+        tokens_per_s: tokens as f64 / total,
         step_s: median(&steps),
         forward_s: median(&fwd),
         backward_s: median(&bwd),

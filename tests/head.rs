@@ -1,0 +1,114 @@
+//! The target-only head (the vocabulary projection and the cross-entropy over the positions
+//! whose label counts, in chunks of rows) against the full-logits path: the same loss, token
+//! accuracy and LoRA gradients, for the persona template (loss on the reply only) and the seed
+//! template (every non-pad token).
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::data::dataloader::batcher::Batcher;
+use phitune_data::batch::ExampleDataset;
+use phitune_data::load::load_path;
+use phitune_data::{LoadOptions, Template};
+use phitune_model::io::adapter::Adapter;
+use phitune_model::{Checkpoint, Phi, PhiTokenizer};
+use phitune_train::lm::{CausalLm, Head, Item, LmBatch, LmBatcher};
+
+type A = Autodiff<NdArray<f32, i32>>;
+
+/// tiny-phi with a PEFT adapter whose A and B are both non-zero (so every LoRA gradient is).
+fn model() -> (Phi<A>, PhiTokenizer) {
+    let device = Default::default();
+    let dir = common::fixtures().join("tiny-phi");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tok = PhiTokenizer::from_dir(&dir, ckpt.config()).unwrap();
+    let adapter = Adapter::read(&common::fixtures().join("adapters/peft-all-r8")).unwrap();
+    let phi = Phi::<A>::load(&ckpt, &device)
+        .unwrap()
+        .with_adapter(&adapter, &device)
+        .unwrap();
+    (phi, tok)
+}
+
+fn batch(tok: &PhiTokenizer, template: Template) -> LmBatch<A> {
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/samples/persona_chat_sample.jsonl");
+    let rows = load_path(&sample, LoadOptions::default()).unwrap().rows;
+    let ds = ExampleDataset::build(&rows[..6], tok, template, 160).unwrap();
+    let items = ds
+        .examples
+        .into_iter()
+        .enumerate()
+        .map(|(i, example)| Item {
+            position: i as u64,
+            example,
+        })
+        .collect();
+    LmBatcher {
+        pad_id: tok.eos_token_ids[0],
+    }
+    .batch(items, &Default::default())
+}
+
+/// `(loss, correct, every LoRA gradient flattened)` of one objective.
+fn run(lm: &CausalLm<A>, batch: &LmBatch<A>) -> (f64, usize, Vec<Vec<f32>>) {
+    phitune_model::ops::start_dropout_stream(5);
+    let (loss, stats) = lm.objective(batch);
+    let grads = loss.backward();
+    let lora = lm
+        .phi
+        .projections()
+        .into_iter()
+        .filter_map(|(_, _, p)| p.lora.as_ref().map(|l| (l.a.val(), l.b.val())))
+        .flat_map(|(a, b)| [a, b])
+        .map(|t| {
+            t.grad(&grads)
+                .expect("every LoRA weight has a gradient")
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap()
+        })
+        .collect();
+    (stats.loss(), stats.correct, lora)
+}
+
+#[test]
+fn the_target_only_head_equals_the_full_logits() {
+    let (phi, tok) = model();
+    for template in [Template::Persona, Template::Seed] {
+        let batch = batch(&tok, template);
+        let [b, s] = batch.input_ids.dims();
+        assert!(
+            batch.targets > 40 && batch.targets < b * s,
+            "{template}: {} targets",
+            batch.targets
+        );
+        let full = run(
+            &CausalLm::new(phi.clone(), 1.0, 1).with_head(Head::Full),
+            &batch,
+        );
+        // 7 rows per chunk: many chunks, and a last one that is not full.
+        let chunked = CausalLm::new(phi.clone(), 1.0, 1).with_head(Head::Targets { chunk: 7 });
+        assert_ne!(batch.targets % 7, 0);
+        let targets = run(&chunked, &batch);
+        assert!(
+            (full.0 - targets.0).abs() < 1e-5,
+            "{template}: loss {} vs {}",
+            full.0,
+            targets.0
+        );
+        assert_eq!(full.1, targets.1, "{template}: correct predictions");
+        assert!(full.1 > 0);
+        assert_eq!(full.2.len(), targets.2.len());
+        for (i, (g, h)) in full.2.iter().zip(&targets.2).enumerate() {
+            let worst = g
+                .iter()
+                .zip(h)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = g.iter().map(|a| a.abs()).fold(0f32, f32::max);
+            assert!(scale > 0.0, "{template}: gradient {i} is zero");
+            assert!(worst < 1e-5, "{template}: gradient {i} differs by {worst}");
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Memory of the target-only head: a forward + backward over 4096 target rows and a 4096-token
+//! vocabulary holds one chunk of logits at a time, never `[rows, vocab]`. Its own test binary
+//! (one test) so that nothing else allocates meanwhile.
+
+#[path = "common/counting.rs"]
+mod counting;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use phitune_model::ops;
+
+type A = Autodiff<NdArray<f32, i32>>;
+
+#[test]
+fn the_head_holds_one_chunk_of_logits() {
+    let device = Default::default();
+    let (rows, hidden, vocab, chunk) = (4096usize, 64usize, 4096usize, 256usize);
+    let w = Tensor::<A, 2>::random([vocab, hidden], Distribution::Normal(0.0, 0.1), &device);
+    let bias = Tensor::<A, 1>::random([vocab], Distribution::Normal(0.0, 0.1), &device);
+    let targets: Vec<i32> = (0..rows as i32)
+        .map(|i| (i * 7919) % vocab as i32)
+        .collect();
+    let targets = Tensor::<A, 1, Int>::from_data(TensorData::new(targets, [rows]), &device);
+    let h = Tensor::<A, 2>::random([rows, hidden], Distribution::Normal(0.0, 1.0), &device)
+        .require_grad();
+    let full = rows * vocab * 4;
+    let one_chunk = chunk * vocab * 4;
+    let base = counting::start();
+    let (nll, _) = ops::head_cross_entropy(h.clone(), w, Some(bias), targets, chunk);
+    let after_forward = counting::live();
+    let grads = nll.sum().backward();
+    let gh = h.grad(&grads).unwrap();
+    assert_eq!(gh.dims(), [rows, hidden]);
+    let peak = counting::peak_since(base);
+    eprintln!(
+        "head: forward retained {} bytes, peak {peak} bytes; one chunk of logits {one_chunk}, all {full}",
+        after_forward.saturating_sub(base)
+    );
+    // The state kept for the backward is the hidden states and per-row numbers, not logits.
+    assert!(
+        after_forward.saturating_sub(base) < one_chunk,
+        "the forward retained {} bytes (one chunk of logits is {one_chunk})",
+        after_forward - base
+    );
+    // A few chunk-sized temporaries (logits, their bias sum, the logits' gradient) at most.
+    assert!(
+        peak < 4 * one_chunk && peak < full / 4,
+        "peak heap growth {peak} bytes (one chunk {one_chunk}, all logits {full})"
+    );
+}
