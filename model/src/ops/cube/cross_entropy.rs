@@ -8,7 +8,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise, fixed_plane, per_row, row_threads};
+use super::{alloc, elementwise, fixed_plane, in_dtype, per_row, row_threads};
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -185,8 +185,7 @@ pub(super) fn backward<R: CubeRuntime>(
     let shape = logits.meta.shape().clone();
     let (rows, vocab) = (shape[0], shape[1]);
     let (fdt, idt) = (logits.dtype, targets.dtype);
-    let lse = cast_to(lse, fdt);
-    let grad = cast_to(grad, fdt);
+    let (lse, grad) = (in_dtype(lse, fdt), in_dtype(grad, fdt));
     let out = alloc(&logits, &[rows, vocab], fdt);
     let (count, dim) = elementwise(&logits, rows * vocab);
     let client = logits.client.clone();
@@ -203,13 +202,4 @@ pub(super) fn backward<R: CubeRuntime>(
         [fdt.into(), idt.into()],
     );
     out
-}
-
-/// `t` in `dtype` (the kernels read every float input in one dtype).
-fn cast_to<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
-    if t.dtype == dtype {
-        t
-    } else {
-        burn_cubecl::kernel::cast(t, dtype)
-    }
 }

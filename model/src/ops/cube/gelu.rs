@@ -5,7 +5,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise};
+use super::{alloc, elementwise, in_dtype};
 use crate::ops::reference::{GELU_C, SQRT_2_OVER_PI};
 
 /// `tanh(sqrt(2/pi) (x + 0.044715 x^3))`. The argument is clamped to +-15, where tanh is 1
@@ -62,11 +62,7 @@ pub(super) fn forward<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
 
 pub(super) fn backward<R: CubeRuntime>(x: CubeTensor<R>, grad: CubeTensor<R>) -> CubeTensor<R> {
     let shape = x.meta.shape().to_vec();
-    let grad = if grad.dtype == x.dtype {
-        grad
-    } else {
-        burn_cubecl::kernel::cast(grad, x.dtype)
-    };
+    let grad = in_dtype(grad, x.dtype);
     let out = alloc(&x, &shape, x.dtype);
     let (count, dim) = elementwise(&x, out.meta.shape().num_elements());
     let (client, dtype) = (x.client.clone(), x.dtype);

@@ -44,6 +44,15 @@ fn alloc<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) ->
     )
 }
 
+/// `t` in `dtype` (a kernel reads all its float inputs in one dtype).
+fn in_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    if t.dtype == dtype {
+        t
+    } else {
+        burn_cubecl::kernel::cast(t, dtype)
+    }
+}
+
 /// Launch dimensions for one thread per element of `numel`.
 fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>, numel: usize) -> (CubeCount, CubeDim) {
     let cube_dim = CubeDim::new(&like.client, numel.max(1));

@@ -20,7 +20,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise, fixed_plane};
+use super::{alloc, elementwise, fixed_plane, in_dtype};
 use crate::ops::{BLOCK, NF4_CODE, Nf4Backend, nf4_gemv_max_rows};
 
 /// Lanes per output feature in the GEMV (a plane on CUDA).
@@ -162,12 +162,7 @@ fn lut<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
 
 /// absmax as a contiguous f32 tensor, whatever dtype it arrived in.
 fn absmax_f32<R: CubeRuntime>(absmax: CubeTensor<R>) -> CubeTensor<R> {
-    let absmax = if absmax.dtype == DType::F32 {
-        absmax
-    } else {
-        burn_cubecl::kernel::cast(absmax, DType::F32)
-    };
-    into_contiguous(absmax)
+    into_contiguous(in_dtype(absmax, DType::F32))
 }
 
 /// The dense `[out, in]` weight in `dtype`.

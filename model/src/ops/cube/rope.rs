@@ -5,7 +5,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise};
+use super::{alloc, elementwise, in_dtype};
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -55,14 +55,7 @@ pub(super) fn rotate<R: CubeRuntime>(
     let (seq, heads, head_dim) = (shape[1], shape[2], shape[3]);
     let dim = cos.meta.shape()[1];
     let dtype = x.dtype;
-    let same = |t: CubeTensor<R>| {
-        if t.dtype == dtype {
-            t
-        } else {
-            burn_cubecl::kernel::cast(t, dtype)
-        }
-    };
-    let (cos, sin) = (same(cos), same(sin));
+    let (cos, sin) = (in_dtype(cos, dtype), in_dtype(sin, dtype));
     let out = alloc(&x, &shape, dtype);
     let (count, cube_dim) = elementwise(&x, out.meta.shape().num_elements());
     let client = x.client.clone();
