@@ -152,6 +152,14 @@ impl QuantArgs {
     }
 }
 
+impl BenchArgs {
+    /// The base weights to measure: `--quant`, or NF4 for training and float for generation.
+    pub fn base_quant(&self) -> Quant {
+        self.quant
+            .unwrap_or(if self.train { Quant::Nf4 } else { Quant::None })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// cpu, cuda[:N] or wgpu[:N] (default: the best one compiled in).
@@ -384,9 +392,14 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup_steps: usize,
-    /// Training: base weights (nf4 = QLoRA).
-    #[arg(long, value_enum, default_value_t = Quant::Nf4)]
-    pub quant: Quant,
+    /// Base weights: float as stored (`none`) or 4-bit NF4 (QLoRA, with double quant).
+    /// [default: nf4 with --train, none for generation]
+    #[arg(long, value_enum)]
+    pub quant: Option<Quant>,
+    /// Generation: run over a LoRA adapter (r=4 on q/k/v/dense, as --train trains) on top of
+    /// the base, unmerged, as `generate --adapter` does.
+    #[arg(long)]
+    pub lora: bool,
     /// Training: recompute activations in backward.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub grad_checkpointing: bool,

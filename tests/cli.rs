@@ -512,3 +512,50 @@ fn score_quant_nf4_matches_bitsandbytes_reference() {
         "nf8",
     );
 }
+
+#[test]
+fn bench_generation_times_the_base_it_is_asked_for() {
+    let tiny = tiny();
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            &tiny,
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let o = phitune(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(stdout(&o).trim()).unwrap()
+    };
+    // tiny-phi: 2 layers of q, k, v, dense, fc1, fc2.
+    let float = bench(&[]);
+    assert_eq!(float["quant"], "none", "{float}");
+    assert_eq!(float["projections"], 12, "{float}");
+    assert_eq!(float["nf4_projections"], 0, "{float}");
+    assert_eq!(float["lora_projections"], 0, "{float}");
+    assert!(float["lora"].is_null(), "{float}");
+    let nf4 = bench(&["--quant", "nf4"]);
+    assert_eq!(nf4["quant"], "nf4", "{nf4}");
+    assert_eq!(nf4["nf4_projections"], 12, "{nf4}");
+    assert_eq!(nf4["lora_projections"], 0, "{nf4}");
+    // The train bench's adapter: q, k, v and dense in every layer.
+    let qlora = bench(&["--quant", "nf4", "--lora"]);
+    assert_eq!(qlora["nf4_projections"], 12, "{qlora}");
+    assert_eq!(qlora["lora_projections"], 8, "{qlora}");
+    assert_eq!(qlora["lora"]["r"], 4, "{qlora}");
+    for v in [&float, &nf4, &qlora] {
+        assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert_one_line_error(
+        &phitune(&["bench", "--train", "--lora"]),
+        "--lora is for the generation benchmark",
+    );
+}

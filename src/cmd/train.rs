@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use anyhow::Result;
 use phitune_model::ops::Nf4Backend;
 
-use crate::backend::{Job, dispatch};
+use crate::backend::{DeviceSpec, Job, dispatch};
 use crate::cli::TrainArgs;
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -19,6 +19,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overwrite: args.overwrite,
         stop_after: args.stop_after,
         dashboard,
+        cuda: matches!(device, DeviceSpec::Cuda(_)),
     })?;
     let summary = dispatch(device, dtype, Train(prepared))?;
     eprintln!(

@@ -44,6 +44,9 @@ pub struct Request {
     pub stop_after: Option<usize>,
     /// Live dashboard (when stdout is a terminal); otherwise one plain line per step on stderr.
     pub dashboard: bool,
+    /// The run is on a CUDA device: GPU memory and utilisation (NVML) join the dashboard's
+    /// metrics where the build has them (the `gpu-metrics` feature).
+    pub cuda: bool,
 }
 
 /// Everything resolved on the host before touching a device.
@@ -57,6 +60,7 @@ pub struct Prepared {
     pub valid: Arc<Vec<Example>>,
     pub pad_id: u32,
     pub dashboard: bool,
+    pub cuda: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,6 +186,7 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         valid: Arc::new(valid),
         pad_id,
         dashboard: req.dashboard,
+        cuda: req.cuda,
     })
 }
 
@@ -418,9 +423,13 @@ where
         .with_training_strategy(TrainingStrategy::Custom(Arc::new(step_loop)))
         // burn-train's application logger would replace our panic hook and log file handling.
         .with_application_logger(None);
-    // GPU memory and utilisation (NVML) where the build has CUDA.
+    // GPU memory and utilisation (NVML) where the build has CUDA and the run is on it.
     #[cfg(feature = "gpu-metrics")]
-    let training = training.metric_train(burn::train::metric::CudaMetric::new());
+    let training = if p.cuda {
+        training.metric_train(burn::train::metric::CudaMetric::new())
+    } else {
+        training
+    };
     let interrupter = training.interrupter();
     let training = if p.dashboard {
         let shape = RunShape {

@@ -5,13 +5,15 @@ mod nf4_rows;
 mod train;
 
 use anyhow::{Result, bail};
+use phitune_model::lora::LoraConfig;
 use phitune_model::ops::Nf4Backend;
+use phitune_model::phi::Quantization;
 use phitune_model::{Checkpoint, Phi, PhiConfig};
 use serde_json::json;
 
 use self::measure::{GenReport, measure_generation, rayon_threads};
 use crate::backend::{Job, dispatch};
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, Quant};
 
 /// phi-2's vocabulary and head geometry at a size a laptop CPU runs in seconds.
 pub fn bench_config() -> PhiConfig {
@@ -27,6 +29,9 @@ pub fn bench_config() -> PhiConfig {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.prompt_len == 0 || args.new_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-len, --new-tokens and --repeats must be positive");
+    }
+    if args.lora && args.train {
+        bail!("--lora is for the generation benchmark; --train always trains LoRA adapters");
     }
     let config = match args.config.as_str() {
         "bench" => bench_config(),
@@ -86,7 +91,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "device": device.to_string(),
                 "dtype": format!("{dtype:?}").to_lowercase(),
                 "threads": rayon_threads(),
-                "quant": format!("{:?}", args.quant).to_lowercase(),
+                "quant": quant_name(args.base_quant()),
                 "micro_batch": args.micro_batch,
                 "seq_len": args.seq_len,
                 "grad_checkpointing": args.grad_checkpointing,
@@ -112,10 +117,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "device": device.to_string(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "threads": rayon_threads(),
+        "quant": quant_name(args.base_quant()),
+        "lora": args.lora.then(|| {
+            let l = LoraConfig::seed();
+            json!({ "r": l.r, "targets": l.target_modules })
+        }),
     });
     merge(&mut out, serde_json::to_value(report)?);
     println!("{out}");
     Ok(())
+}
+
+fn quant_name(q: Quant) -> &'static str {
+    match q {
+        Quant::None => "none",
+        Quant::Nf4 => "nf4",
+    }
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
@@ -130,20 +147,44 @@ struct Bench<'a> {
     checkpoint: Option<Checkpoint>,
 }
 
+/// The generation measurement, with what the model held: its decoder projections, how many of
+/// them are NF4 and how many carry a LoRA adapter.
+#[derive(serde::Serialize)]
+struct BenchReport {
+    projections: usize,
+    nf4_projections: usize,
+    lora_projections: usize,
+    #[serde(flatten)]
+    report: GenReport,
+}
+
 impl Job for Bench<'_> {
-    type Output = GenReport;
-    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<GenReport> {
-        let model: Phi<B> = match &self.checkpoint {
-            Some(c) => Phi::load(c, &device)?,
-            None => Phi::random(&self.config, &device),
-        };
+    type Output = BenchReport;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<BenchReport> {
         let a = self.args;
-        Ok(measure_generation(
-            &model,
-            a.prompt_len,
-            a.new_tokens,
-            a.repeats,
-            &device,
-        ))
+        let quant = (a.base_quant() == Quant::Nf4).then_some(Quantization { double_quant: true });
+        let model: Phi<B> = match &self.checkpoint {
+            Some(c) => Phi::load_with(c, &device, quant)?,
+            None => Phi::random_with(&self.config, &device, quant),
+        };
+        let model = if a.lora {
+            model.with_lora(&LoraConfig::seed(), 42, &device)
+        } else {
+            model
+        };
+        // What the timed model is, read from the model itself.
+        let projections = model.projections();
+        let nf4_projections = projections
+            .iter()
+            .filter(|p| p.2.base.is_quantized())
+            .count();
+        let lora_projections = projections.iter().filter(|p| p.2.lora.is_some()).count();
+        let report = measure_generation(&model, a.prompt_len, a.new_tokens, a.repeats, &device);
+        Ok(BenchReport {
+            projections: projections.len(),
+            nf4_projections,
+            lora_projections,
+            report,
+        })
     }
 }

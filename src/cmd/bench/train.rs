@@ -167,7 +167,7 @@ where
     AB::InnerBackend: Nf4Backend,
 {
     let (args, config) = (bench.args, &bench.config);
-    let quant = (args.quant == Quant::Nf4).then_some(Quantization { double_quant: true });
+    let quant = (args.base_quant() == Quant::Nf4).then_some(Quantization { double_quant: true });
     AB::seed(&device, 42);
     let lora = LoraConfig::seed();
     let phi = Phi::<AB>::random_with(config, &device, quant).with_lora(&lora, 42, &device);

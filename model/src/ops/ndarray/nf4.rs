@@ -98,37 +98,95 @@ pub(super) fn matmul_t(dys: &[f32], words: &Words, absmax: &[f32], [n, k]: [usiz
     out
 }
 
+/// Two NF4 values per byte of a code word: `PAIRS[b] = [code(b & 0xF), code(b >> 4)]`, so a
+/// 32-bit word (8 codes) decodes with 4 lookups into a 2 KiB table that stays in L1.
+static PAIRS: [[f32; 2]; 256] = {
+    let mut t = [[0f32; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = [NF4_CODE[b & 0xF], NF4_CODE[b >> 4]];
+        b += 1;
+    }
+    t
+};
+
+/// The 8 values of a code word, lowest nibble first.
+#[inline(always)]
+fn decode8(word: u32) -> [f32; 8] {
+    let mut v = [0f32; 8];
+    for p in 0..4 {
+        let [lo, hi] = PAIRS[((word >> (8 * p)) & 0xFF) as usize];
+        v[2 * p] = lo;
+        v[2 * p + 1] = hi;
+    }
+    v
+}
+
+/// A code word of either int width (the codes sit in the low 32 bits).
+trait Word: Copy + Sync {
+    fn low32(self) -> u32;
+}
+impl Word for i32 {
+    #[inline(always)]
+    fn low32(self) -> u32 {
+        self as u32
+    }
+}
+impl Word for i64 {
+    #[inline(always)]
+    fn low32(self) -> u32 {
+        self as u32
+    }
+}
+
 /// `x [m, k] @ dequant(W)^T` for a few rows, decoding the codes on the fly (nothing dense is
-/// written; each weight is read once as 4 bits). Each 64-value block is summed against the
-/// code table and scaled by its absmax once. Needs `k % 64 == 0` (blocks within rows).
+/// written; each weight is read once as 4 bits). Needs `k % 64 == 0` (blocks within rows).
 fn gemv(xs: &[f32], words: &Words, absmax: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    match words {
+        Words::I32(w) => gemv_words(xs, w, absmax, m, n, k),
+        Words::I64(w) => gemv_words(xs, w, absmax, m, n, k),
+    }
+}
+
+/// Rows of W per parallel task in [`gemv_words`].
+const GEMV_TASK_ROWS: usize = 16;
+
+/// Threads over rows of W. Within a 64-value block each input row keeps 8 independent partial
+/// sums (one per code position, so the products vectorise and no add waits on the one before),
+/// folded and scaled by the block's absmax once.
+fn gemv_words<W: Word>(
+    xs: &[f32],
+    words: &[W],
+    absmax: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let (row_words, row_blocks) = (k / 8, k / BLOCK);
     let mut out_t = vec![0f32; n * m]; // [n, m]: rows of W in parallel
     out_t
-        .par_chunks_mut(m * 16)
+        .par_chunks_mut(m * GEMV_TASK_ROWS)
         .enumerate()
         .for_each(|(c, chunk)| {
             for (r, o) in chunk.chunks_mut(m).enumerate() {
-                let j = c * 16 + r;
-                for b in 0..k / BLOCK {
-                    let base = j * k + b * BLOCK;
-                    let scale = absmax[base / BLOCK];
-                    let mut acc = [0f32; GEMV_ROWS];
-                    for w in 0..BLOCK / 8 {
-                        let word = words.get(base / 8 + w);
+                let j = c * GEMV_TASK_ROWS + r;
+                let w_row = &words[j * row_words..(j + 1) * row_words];
+                let scales = &absmax[j * row_blocks..(j + 1) * row_blocks];
+                for (b, (block, &scale)) in w_row.chunks_exact(BLOCK / 8).zip(scales).enumerate() {
+                    let mut acc = [[0f32; 8]; GEMV_ROWS];
+                    for (w, &word) in block.iter().enumerate() {
+                        let v = decode8(word.low32());
                         let kk = b * BLOCK + w * 8;
-                        let mut v = [0f32; 8];
-                        for (t, v) in v.iter_mut().enumerate() {
-                            *v = NF4_CODE[((word >> (4 * t)) & 0xF) as usize];
-                        }
                         for (i, a) in acc.iter_mut().enumerate().take(m) {
-                            let x = &xs[i * k + kk..i * k + kk + 8];
-                            for t in 0..8 {
-                                *a += x[t] * v[t];
+                            let x: &[f32; 8] = xs[i * k + kk..i * k + kk + 8].try_into().unwrap();
+                            for ((a, x), v) in a.iter_mut().zip(x).zip(&v) {
+                                *a += x * v;
                             }
                         }
                     }
-                    for i in 0..m {
-                        o[i] += acc[i] * scale;
+                    for (o, a) in o.iter_mut().zip(&acc) {
+                        let s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+                        *o += s * scale;
                     }
                 }
             }
