@@ -36,7 +36,7 @@ fn the_head_holds_one_chunk_of_logits() {
         "head: forward retained {} bytes, peak {peak} bytes; one chunk of logits {one_chunk}, all {full}",
         after_forward.saturating_sub(base)
     );
-    // The state kept for the backward is the hidden states and per-row numbers, not logits.
+    // The state kept for the backward is each row's input gradient ([rows, hidden]), not logits.
     assert!(
         after_forward.saturating_sub(base) < one_chunk,
         "the forward retained {} bytes (one chunk of logits is {one_chunk})",

@@ -15,6 +15,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::{CrossEntropy, FusedOps, Nf4Backend};
 
@@ -53,24 +54,18 @@ impl<B: Nf4Backend> Backward<B, 1> for FrozenMatmulBackward {
 struct HeadCrossEntropyBackward;
 
 impl<B: Nf4Backend> Backward<B, 1> for HeadCrossEntropyBackward {
-    /// `(h, w, bias, targets, lse, chunk)`: the hidden states of the target rows and the
-    /// frozen head, never logits.
-    type State = (
-        FloatTensor<B>,
-        FloatTensor<B>,
-        Option<FloatTensor<B>>,
-        IntTensor<B>,
-        FloatTensor<B>,
-        usize,
-    );
+    /// Each row's `d nll / d h` for an upstream gradient of one (`[t, hidden]`), computed in the
+    /// forward while its chunk's logits existed: the backward only scales it.
+    type State = FloatTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_h] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (h, w, bias, targets, lse, chunk) = ops.state;
         if let Some(node) = node_h {
-            let dh = B::head_cross_entropy_backward(h, w, bias, targets, lse, grad, chunk);
-            grads.register::<B>(node.id, dh);
+            let dh_unit: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(ops.state));
+            let grad: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(grad));
+            let dh = dh_unit.clone() * grad.cast(dh_unit.dtype()).unsqueeze_dim::<2>(1);
+            grads.register::<B>(node.id, dh.into_primitive().tensor());
         }
     }
 }
@@ -145,49 +140,28 @@ impl<B: Nf4Backend, C: CheckpointStrategy> Nf4Backend for Autodiff<B, C> {
     ) -> CrossEntropy<Self> {
         // The head is frozen: its weight and bias are constants of the graph.
         let (w, bias) = (Self::inner(w), bias.map(Self::inner));
-        let inner = B::head_cross_entropy(
-            h.primitive.clone(),
-            w.clone(),
-            bias.clone(),
-            targets.clone(),
-            chunk,
-        );
-        let lse = Self::from_inner(inner.lse.clone());
-        let nll = match HeadCrossEntropyBackward
+        let prep = HeadCrossEntropyBackward
             .prepare::<C>([h.node.clone()])
             .compute_bound()
-            .stateful()
-        {
+            .stateful();
+        let (inner, nll) = match prep {
             OpsKind::Tracked(prep) => {
-                prep.finish((h.primitive, w, bias, targets, inner.lse, chunk), inner.nll)
+                let (inner, dh_unit) =
+                    B::head_cross_entropy_with_grad(h.primitive, w, bias, targets, chunk);
+                let nll = prep.finish(dh_unit, inner.nll.clone());
+                (inner, nll)
             }
-            OpsKind::UnTracked(prep) => prep.finish(inner.nll),
+            OpsKind::UnTracked(prep) => {
+                let inner = B::head_cross_entropy(h.primitive, w, bias, targets, chunk);
+                let nll = prep.finish(inner.nll.clone());
+                (inner, nll)
+            }
         };
         CrossEntropy {
             nll,
-            lse,
+            lse: Self::from_inner(inner.lse),
             argmax: inner.argmax,
         }
-    }
-
-    fn head_cross_entropy_backward(
-        h: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-        targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunk: usize,
-    ) -> FloatTensor<Self> {
-        Self::from_inner(B::head_cross_entropy_backward(
-            Self::inner(h),
-            Self::inner(w),
-            bias.map(Self::inner),
-            targets,
-            Self::inner(lse),
-            Self::inner(grad),
-            chunk,
-        ))
     }
 
     fn frozen_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

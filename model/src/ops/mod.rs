@@ -115,19 +115,18 @@ pub trait Nf4Backend: FusedOps {
         reference::head_cross_entropy::<Self>(h, w, bias, targets, chunk)
     }
 
-    /// `d nll / d h` for the upstream `grad [t]`: the logits are recomputed chunk by chunk,
-    /// so the backward holds one chunk of `[rows, vocab]` at a time too.
-    #[allow(clippy::too_many_arguments)]
-    fn head_cross_entropy_backward(
+    /// [`head_cross_entropy`](Self::head_cross_entropy) for training: also `d nll_i / d h_i`
+    /// for every row (`[t, hidden]`, in `h`'s dtype), computed while each chunk's logits exist,
+    /// so the backward is that times the upstream per-row gradient: no logits are recomputed
+    /// and still only one chunk of `[rows, vocab]` exists at a time.
+    fn head_cross_entropy_with_grad(
         h: FloatTensor<Self>,
         w: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
         chunk: usize,
-    ) -> FloatTensor<Self> {
-        reference::head_cross_entropy_backward::<Self>(h, w, bias, targets, lse, grad, chunk)
+    ) -> (CrossEntropy<Self>, FloatTensor<Self>) {
+        reference::head_cross_entropy_with_grad::<Self>(h, w, bias, targets, chunk)
     }
 }
 

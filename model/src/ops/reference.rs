@@ -146,59 +146,67 @@ pub fn head_cross_entropy<B: super::Nf4Backend>(
     targets: IntTensor<B>,
     chunk: usize,
 ) -> CrossEntropy<B> {
-    let h: Tensor<B, 2> = float(h);
-    let targets: Tensor<B, 1, Int> = Tensor::from_primitive(targets);
-    let t = h.dims()[0];
-    let (mut nll, mut lse, mut argmax) = (vec![], vec![], vec![]);
-    for (start, len) in chunks(t, chunk) {
-        let logits = head_logits::<B>(h.clone().narrow(0, start, len), &w, &bias);
-        let ce = B::cross_entropy(
-            logits.into_primitive().tensor(),
-            targets.clone().narrow(0, start, len).into_primitive(),
-        );
-        nll.push(float::<B, 1>(ce.nll));
-        lse.push(float::<B, 1>(ce.lse));
-        argmax.push(Tensor::<B, 1, Int>::from_primitive(ce.argmax));
-    }
-    CrossEntropy {
-        nll: Tensor::cat(nll, 0).into_primitive().tensor(),
-        lse: Tensor::cat(lse, 0).into_primitive().tensor(),
-        argmax: Tensor::cat(argmax, 0).into_primitive(),
-    }
+    head_chunks::<B>(h, w, bias, targets, chunk, false).0
 }
 
-pub fn head_cross_entropy_backward<B: super::Nf4Backend>(
+pub fn head_cross_entropy_with_grad<B: super::Nf4Backend>(
     h: FloatTensor<B>,
     w: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
     targets: IntTensor<B>,
-    lse: FloatTensor<B>,
-    grad: FloatTensor<B>,
     chunk: usize,
-) -> FloatTensor<B> {
+) -> (CrossEntropy<B>, FloatTensor<B>) {
+    let (ce, dh) = head_chunks::<B>(h, w, bias, targets, chunk, true);
+    (ce, dh.expect("requested"))
+}
+
+/// The head's cross-entropy chunk by chunk; with `grad`, also each row's `d nll / d h` (the
+/// chunk's `d nll / d logits` for an upstream gradient of one, through the frozen head).
+fn head_chunks<B: super::Nf4Backend>(
+    h: FloatTensor<B>,
+    w: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    targets: IntTensor<B>,
+    chunk: usize,
+    grad: bool,
+) -> (CrossEntropy<B>, Option<FloatTensor<B>>) {
     let h: Tensor<B, 2> = float(h);
     let dtype = h.dtype();
+    let device = h.device();
     let targets: Tensor<B, 1, Int> = Tensor::from_primitive(targets);
-    let (lse, grad): (Tensor<B, 1>, Tensor<B, 1>) = (float(lse), float(grad));
     let t = h.dims()[0];
-    let mut dh = vec![];
+    let (mut nll, mut lse, mut argmax, mut dh) = (vec![], vec![], vec![], vec![]);
     for (start, len) in chunks(t, chunk) {
         let logits = head_logits::<B>(h.clone().narrow(0, start, len), &w, &bias);
-        let dlogits: Tensor<B, 2> = float(B::cross_entropy_backward(
-            logits.into_primitive().tensor(),
-            targets.clone().narrow(0, start, len).into_primitive(),
-            lse.clone().narrow(0, start, len).into_primitive().tensor(),
-            grad.clone()
-                .narrow(0, start, len)
-                .cast(burn::tensor::FloatDType::F32)
-                .into_primitive()
-                .tensor(),
-        ));
-        let dlogits = dlogits.cast(dtype);
-        dh.push(float::<B, 2>(B::frozen_matmul_t(
-            dlogits.into_primitive().tensor(),
-            w.clone(),
-        )));
+        let chunk_targets = targets.clone().narrow(0, start, len);
+        let ce = B::cross_entropy(
+            logits.clone().into_primitive().tensor(),
+            chunk_targets.clone().into_primitive(),
+        );
+        if grad {
+            let ones = Tensor::<B, 1>::ones([len], &device).cast(burn::tensor::FloatDType::F32);
+            let dlogits: Tensor<B, 2> = float(B::cross_entropy_backward(
+                logits.into_primitive().tensor(),
+                chunk_targets.into_primitive(),
+                ce.lse.clone(),
+                ones.into_primitive().tensor(),
+            ));
+            dh.push(float::<B, 2>(B::frozen_matmul_t(
+                dlogits.cast(dtype).into_primitive().tensor(),
+                w.clone(),
+            )));
+        }
+        nll.push(float::<B, 1>(ce.nll));
+        lse.push(float::<B, 1>(ce.lse));
+        argmax.push(Tensor::<B, 1, Int>::from_primitive(ce.argmax));
     }
-    Tensor::cat(dh, 0).into_primitive().tensor()
+    let ce = CrossEntropy {
+        nll: Tensor::cat(nll, 0).into_primitive().tensor(),
+        lse: Tensor::cat(lse, 0).into_primitive().tensor(),
+        argmax: Tensor::cat(argmax, 0).into_primitive(),
+    };
+    (
+        ce,
+        grad.then(|| Tensor::cat(dh, 0).into_primitive().tensor()),
+    )
 }
