@@ -154,7 +154,7 @@ pub(super) fn forward<R: CubeRuntime>(
     let threads = row_threads(&logits);
     let plane = fixed_plane(&logits)
         .map(|p| p as usize)
-        .filter(|&p| p <= threads && threads % p == 0)
+        .filter(|&p| p <= threads && threads.is_multiple_of(p))
         .unwrap_or(0);
     let client = logits.client.clone();
     forward_kernel::launch::<R>(
