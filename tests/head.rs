@@ -46,6 +46,7 @@ fn batch(tok: &PhiTokenizer, template: Template) -> LmBatch<A> {
         .collect();
     LmBatcher {
         pad_id: tok.eos_token_ids[0],
+        pack: None,
     }
     .batch(items, &Default::default())
 }

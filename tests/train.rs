@@ -610,6 +610,94 @@ fn gradient_checkpointing_gives_the_same_run() {
     }
 }
 
+/// `--packing` lays each micro-batch's examples end to end in rows, each example on its own
+/// (positions, attention, loss): without dropout (whose masks follow the layout) the run is the
+/// padded one, step by step, evaluation included, also when stopped and resumed.
+#[test]
+fn a_packed_run_is_the_padded_run_and_resumes() {
+    let tiny = copy_fixture("tiny-phi", "train-packing-model");
+    let cfg = tiny.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    for k in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
+        c[k] = 0.0.into();
+    }
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let dir = scratch("train-packing");
+    let (a, b) = (dir.join("padded"), dir.join("packed"));
+    let args = |out: &Path| {
+        with(
+            set(
+                set(
+                    set(base_args(out, 4), "--model", tiny.to_str().unwrap()),
+                    "--micro-batch",
+                    "4",
+                ),
+                "--grad-accum",
+                "1",
+            ),
+            &[
+                "--max-len",
+                "1000",
+                "--lora-dropout",
+                "0",
+                "--eval-every",
+                "2",
+                "--save-every",
+                "2",
+            ],
+        )
+    };
+    let o = run(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("padded: "), "{}", stderr(&o));
+
+    let o = run(&with(args(&b), &["--packing", "--stop-after", "2"]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // "... packed into rows of up to 1000 tokens: 2.29 examples per row, ..."
+    let per_row: f64 = err
+        .split(" examples per row")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no packing line: {err}"));
+    assert!(per_row > 1.2, "{err}");
+    let config = std::fs::read_to_string(b.join("config.toml")).unwrap();
+    assert!(config.contains("packing = true"), "{config}");
+    let o = phitune(&[
+        "train",
+        "--out",
+        b.to_str().unwrap(),
+        "--resume",
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let records = |d: &Path| metrics::read(&d.join("metrics.jsonl")).unwrap();
+    let (ra, rb) = (records(&a), records(&b));
+    assert_eq!(ra.len(), rb.len());
+    assert_eq!(ra.iter().filter(|r| r.split == "train").count(), 4);
+    assert!(ra.iter().filter(|r| r.split == "valid").count() >= 2);
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!((&x.split, x.step), (&y.split, y.step));
+        assert!(
+            (x.loss - y.loss).abs() < 1e-5,
+            "{} at {}: {} padded, {} packed",
+            x.split,
+            x.step,
+            x.loss,
+            y.loss
+        );
+        assert_eq!(
+            (x.tokens, x.sequences),
+            (y.tokens, y.sequences),
+            "real tokens and examples, never padding or rows"
+        );
+    }
+}
+
 /// Resuming on data that changed since the checkpoint would silently train on other examples.
 #[test]
 fn resume_refuses_changed_data() {

@@ -144,7 +144,7 @@ fn cross_entropy_matches_the_cpu() {
 }
 
 /// `gelu_new`, the rotary embedding (partial: 6 of 10 channels) and their backwards on wgpu
-/// equal the CPU's.
+/// equal the CPU's, with a table row per position and (packed rows) per token.
 #[test]
 fn gelu_and_rope_match_the_cpu() {
     fn side<BB: burn::tensor::backend::AutodiffBackend + ops::FusedOps>(
@@ -154,12 +154,12 @@ fn gelu_and_rope_match_the_cpu() {
         dims: [usize; 4],
     ) -> [Vec<f32>; 4] {
         let device = Default::default();
-        let [_, s, _, _] = dims;
+        let n = tables.0.len() / 6;
         let xt =
             Tensor::<BB, 4>::from_data(TensorData::new(x.to_vec(), dims), &device).require_grad();
         let rt = Tensor::<BB, 4>::from_data(TensorData::new(r.to_vec(), dims), &device);
-        let cos = Tensor::<BB, 2>::from_data(TensorData::new(tables.0.to_vec(), [s, 6]), &device);
-        let sin = Tensor::<BB, 2>::from_data(TensorData::new(tables.1.to_vec(), [s, 6]), &device);
+        let cos = Tensor::<BB, 2>::from_data(TensorData::new(tables.0.to_vec(), [n, 6]), &device);
+        let sin = Tensor::<BB, 2>::from_data(TensorData::new(tables.1.to_vec(), [n, 6]), &device);
         let g = ops::gelu_tanh(xt.clone());
         let gx = xt.grad(&(g.clone() * rt.clone()).sum().backward()).unwrap();
         let x2 = xt.detach().require_grad();
@@ -171,18 +171,29 @@ fn gelu_and_rope_match_the_cpu() {
     let n: usize = dims.iter().product();
     let x = host(n, 11, 4.0);
     let r = host(n, 12, 1.0);
-    let angles: Vec<f32> = (0..7 * 6)
-        .map(|i| (i / 6) as f32 * 0.3 * (1 + i % 3) as f32)
-        .collect();
-    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-    let w = side::<AW>(&x, &r, (&cos, &sin), dims);
-    let c = side::<AC>(&x, &r, (&cos, &sin), dims);
-    for (i, what) in ["gelu", "gelu backward", "rope", "rope backward"]
-        .iter()
-        .enumerate()
-    {
-        assert_close(&w[i], &c[i], 2e-5, what);
+    // 7 positions, or 14 tokens whose positions restart (two examples per row).
+    for positions in [
+        (0..7).collect::<Vec<usize>>(),
+        vec![0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4],
+    ] {
+        let angles: Vec<f32> = (0..positions.len() * 6)
+            .map(|i| positions[i / 6] as f32 * 0.3 * (1 + i % 3) as f32)
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let w = side::<AW>(&x, &r, (&cos, &sin), dims);
+        let c = side::<AC>(&x, &r, (&cos, &sin), dims);
+        for (i, what) in ["gelu", "gelu backward", "rope", "rope backward"]
+            .iter()
+            .enumerate()
+        {
+            assert_close(
+                &w[i],
+                &c[i],
+                2e-5,
+                &format!("{what} ({} table rows)", positions.len()),
+            );
+        }
     }
 }
 

@@ -93,6 +93,117 @@ pub fn collate(examples: &[Example], pad_id: u32) -> HostBatch {
     b
 }
 
+/// A packed batch on the host: rows of several examples laid end to end, padded to the
+/// longest row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedBatch {
+    /// `attention_mask` is 1 on every example's tokens; `labels` are each example's own, except
+    /// that an example's first label is [`IGNORE`] (in a packed row the token before it is the
+    /// previous example's last, which must not be trained to predict it).
+    pub host: HostBatch,
+    /// Each row's example lengths, in order (what the model's block-diagonal mask and
+    /// per-example positions are built from).
+    pub rows: Vec<Vec<usize>>,
+    /// Each row's examples, as indices into the packed slice, in the same order.
+    pub members: Vec<Vec<usize>>,
+}
+
+/// Packs examples into rows of at most `capacity` tokens (or the longest example's length, if
+/// longer), first-fit decreasing: each example, longest first, goes to the first row with
+/// room. Deterministic; each example's real tokens (`len`) are kept whole.
+pub fn pack(examples: &[Example], pad_id: u32, capacity: usize) -> PackedBatch {
+    let lengths: Vec<usize> = examples.iter().map(|e| e.len).collect();
+    let bins: Vec<(usize, Vec<usize>)> = pack_lengths(&lengths, capacity)
+        .into_iter()
+        .map(|m| (m.iter().map(|&i| lengths[i]).sum(), m))
+        .collect();
+    let seq = bins.iter().map(|(used, _)| *used).max().unwrap_or(0);
+    let mut host = HostBatch {
+        batch: bins.len(),
+        seq,
+        input_ids: Vec::with_capacity(bins.len() * seq),
+        attention_mask: Vec::with_capacity(bins.len() * seq),
+        labels: Vec::with_capacity(bins.len() * seq),
+    };
+    let mut rows = Vec::with_capacity(bins.len());
+    for (used, members) in &bins {
+        for &i in members {
+            let e = &examples[i];
+            host.input_ids
+                .extend(e.input_ids[..e.len].iter().map(|&t| t as i64));
+            host.labels.push(IGNORE);
+            host.labels.extend_from_slice(&e.labels[1..e.len]);
+        }
+        host.attention_mask
+            .extend((0..seq).map(|j| (j < *used) as i64));
+        host.input_ids
+            .extend(std::iter::repeat_n(pad_id as i64, seq - used));
+        host.labels.extend(std::iter::repeat_n(IGNORE, seq - used));
+        rows.push(members.iter().map(|&i| examples[i].len).collect());
+    }
+    let members = bins.into_iter().map(|(_, m)| m).collect();
+    PackedBatch {
+        host,
+        rows,
+        members,
+    }
+}
+
+/// First-fit decreasing over `lengths` into rows of at most `capacity` (or the longest length,
+/// if longer): each row's members as indices into `lengths`. Ties keep their order.
+pub fn pack_lengths(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let capacity = lengths.iter().copied().max().unwrap_or(0).max(capacity);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let len = lengths[i];
+        match bins.iter_mut().find(|(used, _)| used + len <= capacity) {
+            Some((used, members)) => {
+                *used += len;
+                members.push(i);
+            }
+            None => bins.push((len, vec![i])),
+        }
+    }
+    bins.into_iter().map(|(_, m)| m).collect()
+}
+
+/// How well micro-batches of `micro_batch` consecutive lengths fill the positions they feed,
+/// padded to the longest (`pack` None) or packed into rows of `pack` tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fill {
+    /// Real tokens over positions fed.
+    pub real: f64,
+    /// Examples per row.
+    pub per_row: f64,
+}
+
+pub fn fill(lengths: &[usize], micro_batch: usize, pack: Option<usize>) -> Fill {
+    let (mut real, mut positions, mut rows) = (0, 0, 0);
+    for b in lengths.chunks(micro_batch.max(1)) {
+        real += b.iter().sum::<usize>();
+        let (r, seq) = match pack {
+            None => (b.len(), b.iter().copied().max().unwrap_or(0)),
+            Some(capacity) => {
+                let bins = pack_lengths(b, capacity);
+                let longest = bins
+                    .iter()
+                    .map(|m| m.iter().map(|&i| b[i]).sum::<usize>())
+                    .max()
+                    .unwrap_or(0);
+                (bins.len(), longest)
+            }
+        };
+        rows += r;
+        positions += r * seq;
+    }
+    Fill {
+        real: real as f64 / positions.max(1) as f64,
+        per_row: lengths.len() as f64 / rows.max(1) as f64,
+    }
+}
+
 /// A batch of token tensors `[batch, seq]`.
 #[derive(Debug, Clone)]
 pub struct TokenBatch<B: Backend> {
@@ -170,6 +281,65 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn example(len: usize, pad_to: usize, tag: u32) -> Example {
+        Example {
+            input_ids: (0..pad_to)
+                .map(|j| if j < len { tag * 100 + j as u32 } else { 7 })
+                .collect(),
+            labels: (0..pad_to)
+                .map(|j| {
+                    if j < len {
+                        (tag * 100 + j as u32) as i64
+                    } else {
+                        IGNORE
+                    }
+                })
+                .collect(),
+            len,
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn packing_fills_rows_longest_first_and_keeps_each_example_whole() {
+        let ex: Vec<Example> = [5, 9, 3, 4, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| example(n, 12, i as u32 + 1))
+            .collect();
+        let p = pack(&ex, 7, 10);
+        // 9 | 5+4 | 3+2: first-fit decreasing.
+        assert_eq!(p.rows, [vec![9], vec![5, 4], vec![3, 2]]);
+        assert_eq!(p.members, [vec![1], vec![0, 3], vec![2, 4]]);
+        let h = &p.host;
+        assert_eq!((h.batch, h.seq), (3, 9), "padded to the longest row only");
+        assert_eq!(
+            h.attention_mask.iter().sum::<i64>(),
+            23,
+            "every real token once"
+        );
+        let row = |r: usize| &h.input_ids[r * 9..(r + 1) * 9];
+        assert_eq!(row(1), [100, 101, 102, 103, 104, 400, 401, 402, 403]);
+        assert_eq!(row(2)[5..], [7, 7, 7, 7], "padding");
+        let labels = &h.labels[9..18];
+        assert_eq!(labels[0], IGNORE);
+        assert_eq!(labels[1..5], [101, 102, 103, 104]);
+        assert_eq!(
+            labels[5], IGNORE,
+            "no example predicts the next one's first token"
+        );
+        assert_eq!(labels[6..], [401, 402, 403]);
+        // The estimate the run prints agrees.
+        let lengths = [5, 9, 3, 4, 2];
+        let f = fill(&lengths, 5, Some(10));
+        assert_eq!((f.real, f.per_row), (23.0 / 27.0, 5.0 / 3.0));
+        assert_eq!(fill(&lengths, 5, None).real, 23.0 / 45.0);
+        assert_eq!(fill(&lengths, 2, None).real, 23.0 / (18 + 8 + 2) as f64);
+        // An example longer than the capacity still gets a row of its own.
+        assert_eq!(pack(&ex, 7, 4).rows[0], [9]);
+        assert_eq!(pack(&[], 7, 10).host.batch, 0);
+    }
 
     #[test]
     fn bucketing_is_a_seeded_permutation_that_reduces_padding() {

@@ -29,10 +29,12 @@ pub struct Attention<B: Backend> {
 
 /// Per-forward inputs shared by every layer.
 pub(crate) struct AttnContext<B: Backend> {
+    /// `[q_len, dim]`, or `[batch * q_len, dim]` when each row has its own positions.
     pub cos: Tensor<B, 2>,
     pub sin: Tensor<B, 2>,
-    /// `[q_len, kv_len]`, true where a query must not see a key; None when nothing is masked.
-    pub mask: Option<Tensor<B, 2, Bool>>,
+    /// `[1 or batch, q_len, kv_len]`, true where a query must not see a key; None when nothing
+    /// is masked.
+    pub mask: Option<Tensor<B, 3, Bool>>,
 }
 
 impl<B: Nf4Backend> Attention<B> {
@@ -78,7 +80,7 @@ impl<B: Nf4Backend> Attention<B> {
             Some(mask) => {
                 let shape = scores.shape();
                 scores.mask_fill(
-                    mask.clone().unsqueeze::<4>().expand(shape),
+                    mask.clone().unsqueeze_dim::<4>(1).expand(shape),
                     f32::NEG_INFINITY,
                 )
             }

@@ -5,7 +5,7 @@
 //!
 //! - The network, top to bottom as HF's `modeling_phi.py`: `config.rs`, `phi.rs`,
 //!   `attention.rs`, `rotary.rs`, `norm.rs`, `cache.rs` (KV cache), `lora.rs`, `frozen.rs`
-//!   (frozen base weights, dense or NF4).
+//!   (frozen base weights, dense or NF4), `packing.rs` (several examples per row).
 //! - Generation: `generate.rs`, `sampling.rs`, `tokenizer.rs`.
 //! - [`ops`]: the backend extension (NF4 and fused ops), one file or folder per backend.
 //! - [`io`]: safetensors, checkpoint directories, the hub, PEFT adapters, merged checkpoints,
@@ -22,6 +22,7 @@ pub mod io;
 pub mod lora;
 pub mod norm;
 pub mod ops;
+pub mod packing;
 pub mod phi;
 pub mod rotary;
 pub mod sampling;
@@ -33,5 +34,6 @@ pub use config::PhiConfig;
 pub use error::{Error, Result};
 pub use io::{Adapter, Checkpoint};
 pub use ops::Nf4Backend;
+pub use packing::Packing;
 pub use phi::Phi;
 pub use tokenizer::PhiTokenizer;

@@ -19,6 +19,7 @@ use crate::lora::{Lora, LoraConfig, LoraLinear};
 use crate::norm::LayerNorm;
 use crate::ops::cross_entropy;
 use crate::ops::{Nf4Backend, Nf4Host};
+use crate::packing::Packing;
 use crate::rotary::RotaryEmbedding;
 
 #[derive(Module, Debug)]
@@ -78,14 +79,24 @@ pub struct Phi<B: Backend> {
 impl<B: Nf4Backend> Phi<B> {
     /// Logits `[batch, seq, vocab]` for a batch of right-padded sequences (no cache).
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let h = self.hidden(ids, None);
-        self.lm_head.forward(self.final_layernorm.forward(h))
+        self.forward_packed(ids, None)
+    }
+
+    /// As [`forward`](Self::forward), for rows laid out by `packing` (several examples per
+    /// row, each on its own) when given.
+    pub fn forward_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        packing: Option<&Packing>,
+    ) -> Tensor<B, 3> {
+        self.lm_head.forward(self.final_hidden(ids, packing))
     }
 
     /// The final hidden states `[batch, seq, hidden]` (after the final LayerNorm): what the
-    /// head reads.
-    pub fn final_hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.final_layernorm.forward(self.hidden(ids, None))
+    /// head reads. `packing` lays several examples in a row.
+    pub fn final_hidden(&self, ids: Tensor<B, 2, Int>, packing: Option<&Packing>) -> Tensor<B, 3> {
+        self.final_layernorm
+            .forward(self.hidden(ids, None, packing))
     }
 
     /// The head's cross-entropy for the final hidden states of the target rows only, `h [t,
@@ -110,7 +121,7 @@ impl<B: Nf4Backend> Phi<B> {
     /// Returns the logits of the last position only, `[batch, vocab]`: all generation needs,
     /// and it spares the vocab projection of every prompt position.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
-        let h = self.hidden(ids, Some(cache));
+        let h = self.hidden(ids, Some(cache), None);
         let [b, s, d] = h.dims();
         let last = h.narrow(1, s - 1, 1).reshape([b, 1, d]);
         self.lm_head
@@ -118,14 +129,41 @@ impl<B: Nf4Backend> Phi<B> {
             .reshape([b, self.vocab_size()])
     }
 
-    fn hidden(&self, ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let [_, s] = ids.dims();
+    /// The decoder stack. With `cache`, `ids` continue the cached positions; with `packing`,
+    /// each example of a row has its own positions and sees only itself (no cache then).
+    fn hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        packing: Option<&Packing>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
         let device = ids.device();
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let (cos, sin) = self.rotary.tables::<B>(past, s, &device);
-        let mask =
-            (s > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([s, past + s], past as i64, &device));
-        let ctx = AttnContext { cos, sin, mask };
+        let ctx = match packing {
+            Some(p) => {
+                assert!(
+                    cache.is_none() && [p.batch(), p.seq()] == [b, s],
+                    "a packing of {}x{} for ids of {b}x{s}",
+                    p.batch(),
+                    p.seq()
+                );
+                let (cos, sin) = self.rotary.tables_at::<B>(&p.positions(), &device);
+                AttnContext {
+                    cos,
+                    sin,
+                    mask: Some(p.mask(&device)),
+                }
+            }
+            None => {
+                let (cos, sin) = self.rotary.tables::<B>(past, s, &device);
+                let mask = (s > 1).then(|| {
+                    Tensor::<B, 2, Bool>::tril_mask([s, past + s], past as i64, &device)
+                        .unsqueeze::<3>()
+                });
+                AttnContext { cos, sin, mask }
+            }
+        };
         let mut h = crate::ops::dropout(
             burn::tensor::module::embedding(self.embed_tokens.clone(), ids),
             self.embed_dropout.prob,

@@ -28,14 +28,25 @@ impl RotaryEmbedding {
         seq: usize,
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let positions: Vec<usize> = (start..start + seq).collect();
+        self.tables_at(&positions, device)
+    }
+
+    /// `cos` and `sin` tables `[positions.len(), dim]`, a row for each given position (packed
+    /// rows: one row per token, positions restarting at each example).
+    pub fn tables_at<B: Backend>(
+        &self,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = self.dim / 2;
         let base = self.theta as f32;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / base.powf((2 * i) as f32 / self.dim as f32))
             .collect();
-        let mut cos = Vec::with_capacity(seq * self.dim);
-        let mut sin = Vec::with_capacity(seq * self.dim);
-        for p in start..start + seq {
+        let mut cos = Vec::with_capacity(positions.len() * self.dim);
+        let mut sin = Vec::with_capacity(positions.len() * self.dim);
+        for &p in positions {
             // emb = cat(freqs, freqs): both halves of a row use the same angles.
             let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
             for a in angles.iter().chain(&angles) {
@@ -43,7 +54,7 @@ impl RotaryEmbedding {
                 sin.push(a.sin());
             }
         }
-        let shape = [seq, self.dim];
+        let shape = [positions.len(), self.dim];
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),

@@ -50,6 +50,11 @@ pub struct TrainConfig {
     pub lora_dropout: f64,
     pub target_modules: Vec<String>,
     pub micro_batch: usize,
+    /// Pack each micro-batch's examples into rows of up to `max_len` tokens, each example with
+    /// its own positions and attention: the same examples and loss, fewer padded positions.
+    /// (Absent from the configurations of runs made before it existed.)
+    #[serde(default)]
+    pub packing: bool,
     pub grad_accum: usize,
     pub lr: f64,
     /// Fraction of `max_steps` spent warming up linearly from 0 (rounded up, as HF does).
@@ -100,6 +105,7 @@ impl TrainConfig {
             lora_dropout: lora.dropout,
             target_modules: lora.target_modules,
             micro_batch: 2,
+            packing: false,
             grad_accum: 8,
             lr: 1e-4,
             warmup_ratio: 0.1,
@@ -358,10 +364,15 @@ pub struct TrainFlags {
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_modules: Option<Vec<String>>,
-    /// Sequences per forward/backward pass.
+    /// Examples per forward/backward pass.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub micro_batch: Option<usize>,
+    /// Pack each micro-batch's examples into rows of up to --max-len tokens (no attention
+    /// across examples, positions restart at each): the same loss, less padding.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
     /// Micro-batches per optimizer step.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

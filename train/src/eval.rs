@@ -146,6 +146,7 @@ pub fn evaluate<B: Nf4Backend>(
     let t = Instant::now();
     let batcher = LmBatcher {
         pad_id: tok.eos_token_ids[0],
+        pack: None,
     };
     // Longest first: similar lengths per batch, and memory trouble shows at once.
     let mut order: Vec<usize> = (0..held.examples.len()).collect();

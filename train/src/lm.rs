@@ -7,11 +7,11 @@ use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
-use phitune_data::batch::collate;
+use phitune_data::batch::{collate, pack};
 use phitune_data::prompt::{Example, IGNORE};
-use phitune_model::Phi;
 use phitune_model::ops::Nf4Backend;
 use phitune_model::ops::cross_entropy;
+use phitune_model::{Packing, Phi};
 
 /// Phi with the training objective. `loss_scale` multiplies the loss before `backward` (1 /
 /// gradient-accumulation steps, so that accumulated gradients are those of the mean).
@@ -33,17 +33,21 @@ pub struct Item {
     pub example: Example,
 }
 
-/// A padded micro-batch.
+/// A micro-batch: one example per row, padded to the longest, or (packed) several examples
+/// per row, each on its own.
 #[derive(Debug, Clone)]
 pub struct LmBatch<B: Backend> {
     pub input_ids: Tensor<B, 2, Int>,
     pub labels: Tensor<B, 2, Int>,
+    /// Where the examples lie when rows are packed.
+    pub packing: Option<Packing>,
     /// Row-major positions (in the flattened `[batch * seq]`) whose next-token label counts,
     /// and those labels: what the target-only head reads.
     pub target_rows: Tensor<B, 1, Int>,
     pub target_ids: Tensor<B, 1, Int>,
     /// Position of the first example in the training stream.
     pub position: u64,
+    /// Examples (not rows: a packed row holds several).
     pub sequences: usize,
     /// Tokens that count in the loss (after the shift).
     pub targets: usize,
@@ -54,22 +58,43 @@ pub struct LmBatch<B: Backend> {
 #[derive(Debug, Clone)]
 pub struct LmBatcher {
     pub pad_id: u32,
+    /// Pack the micro-batch's examples into rows of up to this many tokens (`--packing`);
+    /// None pads each example to the longest.
+    pub pack: Option<usize>,
 }
 
 impl<B: Backend> Batcher<B, Item, LmBatch<B>> for LmBatcher {
     fn batch(&self, items: Vec<Item>, device: &B::Device) -> LmBatch<B> {
         let position = items.first().map_or(0, |i| i.position);
         let examples: Vec<Example> = items.into_iter().map(|i| i.example).collect();
-        let h = collate(&examples, self.pad_id);
         let tokens = examples.iter().map(|e| e.len).sum();
-        LmBatch::from_host(
-            h.input_ids,
-            h.labels,
-            [h.batch, h.seq],
-            position,
-            tokens,
-            device,
-        )
+        match self.pack {
+            None => {
+                let h = collate(&examples, self.pad_id);
+                LmBatch::from_host(
+                    h.input_ids,
+                    h.labels,
+                    [h.batch, h.seq],
+                    position,
+                    tokens,
+                    device,
+                )
+            }
+            Some(capacity) => {
+                let p = pack(&examples, self.pad_id, capacity);
+                let h = p.host;
+                let packing = Packing::new(p.rows, h.seq).expect("rows packed to fit");
+                LmBatch::from_host(
+                    h.input_ids,
+                    h.labels,
+                    [h.batch, h.seq],
+                    position,
+                    tokens,
+                    device,
+                )
+                .packed(packing)
+            }
+        }
     }
 }
 
@@ -104,6 +129,7 @@ impl<B: Backend> LmBatch<B> {
         LmBatch {
             input_ids: t2(input_ids),
             labels: t2(labels),
+            packing: None,
             target_rows: t1(rows),
             target_ids: t1(ids),
             position,
@@ -111,6 +137,16 @@ impl<B: Backend> LmBatch<B> {
             targets,
             tokens,
         }
+    }
+}
+
+impl<B: Backend> LmBatch<B> {
+    /// The same rows, laid out by `packing` (several examples per row): the model gives each
+    /// its own positions and attention, and the batch counts examples, not rows.
+    pub fn packed(mut self, packing: Packing) -> Self {
+        self.sequences = packing.rows().iter().map(Vec::len).sum();
+        self.packing = Some(packing);
+        self
     }
 }
 
@@ -220,7 +256,9 @@ impl<B: Nf4Backend> CausalLm<B> {
     /// `(sum of the targets' nll (f32), correct predictions)` through the head over the target
     /// rows only, in chunks.
     fn target_head(&self, batch: &LmBatch<B>, chunk: usize) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
-        let h = self.phi.final_hidden(batch.input_ids.clone());
+        let h = self
+            .phi
+            .final_hidden(batch.input_ids.clone(), batch.packing.as_ref());
         let [b, s, d] = h.dims();
         let h = h.reshape([b * s, d]).select(0, batch.target_rows.clone());
         let (nll, predicted) = self
@@ -236,7 +274,7 @@ impl<B: Nf4Backend> CausalLm<B> {
         let device = batch.labels.device();
         let logits = self
             .phi
-            .forward(batch.input_ids.clone())
+            .forward_packed(batch.input_ids.clone(), batch.packing.as_ref())
             .cast(FloatDType::F32);
         let vocab = logits.dims()[2];
         // Position i predicts label i + 1; the last position of each sequence predicts nothing.

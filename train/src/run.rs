@@ -13,7 +13,7 @@ use burn::data::dataloader::DataLoaderBuilder;
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{Learner, SupervisedTraining, TrainLoader, TrainingStrategy, ValidLoader};
-use phitune_data::batch::ExampleDataset;
+use phitune_data::batch::{ExampleDataset, fill};
 use phitune_data::prompt::Example;
 use phitune_data::split::{Split, split_of};
 use phitune_data::{LoadOptions, load_source};
@@ -352,7 +352,11 @@ where
         (start_step * seqs) as u64,
         remaining,
     );
-    let batcher = LmBatcher { pad_id: p.pad_id };
+    report_fill(&stream, c);
+    let batcher = LmBatcher {
+        pad_id: p.pad_id,
+        pack: c.packing.then_some(c.max_len),
+    };
     let train = DataLoaderBuilder::<AB, _, _>::new(batcher.clone())
         .batch_size(c.micro_batch)
         .set_device(device.clone())
@@ -362,6 +366,37 @@ where
         .set_device(device.clone())
         .build(EvalSet(p.valid.clone()));
     (train, valid)
+}
+
+/// One line on how full the micro-batches ahead are (over up to one pass of the stream), padded
+/// and packed, so the choice of `--packing` is an informed one.
+fn report_fill(stream: &TrainStream, c: &TrainConfig) {
+    use burn::data::dataset::Dataset;
+    let n = stream
+        .len()
+        .min(stream.examples().max(1) * c.micro_batch.max(1));
+    let lengths: Vec<usize> = (0..n)
+        .filter_map(|i| stream.get(i).map(|item| item.example.len))
+        .collect();
+    let padded = fill(&lengths, c.micro_batch, None);
+    let packed = fill(&lengths, c.micro_batch, Some(c.max_len));
+    if c.packing {
+        eprintln!(
+            "batches: {} examples per micro-batch packed into rows of up to {} tokens: {:.2} examples per row, {:.0}% of positions are real tokens (padded: {:.0}%)",
+            c.micro_batch,
+            c.max_len,
+            packed.per_row,
+            100.0 * packed.real,
+            100.0 * padded.real
+        );
+    } else {
+        eprintln!(
+            "batches: {} examples per micro-batch, padded: {:.0}% of positions are real tokens (--packing: {:.0}%)",
+            c.micro_batch,
+            100.0 * padded.real,
+            100.0 * packed.real
+        );
+    }
 }
 
 /// The base model's held-out loss, once (kept from the log when resuming), for the

@@ -44,6 +44,11 @@ impl TrainStream {
         self.seed
     }
 
+    /// Examples in one pass.
+    pub fn examples(&self) -> usize {
+        self.examples.len()
+    }
+
     /// Index into the examples of the item at absolute `position`.
     pub fn index_at(&self, position: u64) -> Option<usize> {
         let n = self.examples.len() as u64;

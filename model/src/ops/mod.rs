@@ -170,8 +170,11 @@ pub trait FusedOps: Backend {
     }
 
     /// Rotary embedding of `x [batch, seq, heads, head_dim]` with `cos`/`sin` tables
-    /// `[seq, dim]` (HF's rotate_half layout on the first `dim` channels of each head; the rest
-    /// pass through). `inverse` rotates by the negated angles: the backward of the forward.
+    /// `[n, dim]` (HF's rotate_half layout on the first `dim` channels of each head; the rest
+    /// pass through). `n` is `seq` (every row at the same positions) or `batch * seq` (a table
+    /// row per token: packed rows, whose positions restart at each example); token `t` (row-major
+    /// over `[batch, seq]`) reads table row `t % n`. `inverse` rotates by the negated angles: the
+    /// backward of the forward.
     fn rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,

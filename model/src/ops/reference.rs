@@ -73,15 +73,17 @@ pub fn rope<B: Backend>(
     let cos: Tensor<B, 2> = float(cos);
     let sin: Tensor<B, 2> = float(sin);
     let sin = if inverse { sin.neg() } else { sin };
-    let [_, s, _, head_dim] = x.dims();
-    let dim = cos.dims()[1];
+    let [b, s, _, head_dim] = x.dims();
+    let [n, dim] = cos.dims();
+    // A table per position (`[seq, dim]`) or per token (`[batch * seq, dim]`).
+    let rows = if n == s { 1 } else { b };
     let half = dim / 2;
     let x_rot = x.clone().narrow(3, 0, dim);
     let x1 = x_rot.clone().narrow(3, 0, half);
     let x2 = x_rot.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.reshape([1, s, 1, dim]);
-    let sin = sin.reshape([1, s, 1, dim]);
+    let cos = cos.reshape([rows, s, 1, dim]);
+    let sin = sin.reshape([rows, s, 1, dim]);
     let out = x_rot * cos + rotated * sin;
     let out = if dim == head_dim {
         out

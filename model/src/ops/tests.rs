@@ -142,8 +142,14 @@ fn fused_rope_and_its_gradient_match_the_tensor_op_form() {
     let dev = Default::default();
     <B as Backend>::seed(&dev, 9);
     let rot = crate::rotary::RotaryEmbedding::new(8, 10000.0);
-    for head_dim in [8, 12] {
-        let (cos, sin) = rot.tables::<AB>(3, 5, &dev);
+    // A row per position, and a row per token (packed rows: positions restart).
+    let per_token_positions = [0, 1, 2, 0, 1, 4, 0, 1, 2, 3];
+    for (head_dim, per_token) in [(8, false), (12, false), (8, true), (12, true)] {
+        let (cos, sin) = if per_token {
+            rot.tables_at::<AB>(&per_token_positions, &dev)
+        } else {
+            rot.tables::<AB>(3, 5, &dev)
+        };
         let x = Tensor::<AB, 4>::random([2, 5, 3, head_dim], Distribution::Normal(0.0, 1.0), &dev)
             .require_grad();
         let w = Tensor::<AB, 4>::random([2, 5, 3, head_dim], Distribution::Normal(0.0, 1.0), &dev);

@@ -14,7 +14,7 @@ fn rope_kernel<F: Float>(
     cos: &Tensor<F>,
     sin: &Tensor<F>,
     out: &mut Tensor<F>,
-    seq: usize,
+    table_rows: usize,
     heads: usize,
     head_dim: usize,
     dim: usize,
@@ -30,7 +30,7 @@ fn rope_kernel<F: Float>(
         out[pos] = x[pos];
     } else {
         let row = pos / head_dim;
-        let p = (row / heads) % seq;
+        let p = (row / heads) % table_rows;
         let half = dim / 2;
         let t = p * dim + c;
         let (cv, sv) = (f32::cast_from(cos[t]), f32::cast_from(sin[t]) * sign);
@@ -44,7 +44,8 @@ fn rope_kernel<F: Float>(
     }
 }
 
-/// Rotates `x [batch, seq, heads, head_dim]` by the `cos`/`sin` tables `[seq, dim]`.
+/// Rotates `x [batch, seq, heads, head_dim]` by the `cos`/`sin` tables `[n, dim]` (`n` = seq,
+/// or batch × seq for a row per token).
 pub(super) fn rotate<R: CubeRuntime>(
     x: CubeTensor<R>,
     cos: CubeTensor<R>,
@@ -52,8 +53,8 @@ pub(super) fn rotate<R: CubeRuntime>(
     inverse: bool,
 ) -> CubeTensor<R> {
     let shape = x.meta.shape().to_vec();
-    let (seq, heads, head_dim) = (shape[1], shape[2], shape[3]);
-    let dim = cos.meta.shape()[1];
+    let (heads, head_dim) = (shape[2], shape[3]);
+    let (table_rows, dim) = (cos.meta.shape()[0], cos.meta.shape()[1]);
     let dtype = x.dtype;
     let (cos, sin) = (in_dtype(cos, dtype), in_dtype(sin, dtype));
     let out = alloc(&x, &shape, dtype);
@@ -67,7 +68,7 @@ pub(super) fn rotate<R: CubeRuntime>(
         cos.into_tensor_arg(),
         sin.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        seq,
+        table_rows,
         heads,
         head_dim,
         dim,

@@ -189,7 +189,8 @@ where
             return reference::rope::<Self>(x, cos, sin, inverse);
         };
         let dims = [shape[0], shape[1], shape[2], shape[3]];
-        output(rope::rotate(&xs, &cs, &ss, dims, inverse), &dims)
+        let table = [cos.shape()[0], cos.shape()[1]];
+        output(rope::rotate(&xs, &cs, &ss, dims, table, inverse), &dims)
     }
 
     fn has_seeded_dropout() -> bool {

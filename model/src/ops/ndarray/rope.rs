@@ -4,15 +4,16 @@
 use rayon::prelude::*;
 
 /// Rotates `x [batch, seq, heads, head_dim]` (row-major) by the `cos`/`sin` tables
-/// `[seq, dim]`; channels past `dim` pass through. `inverse` negates the angles.
+/// `[n, dim]` (`n` = seq, or batch × seq for a row per token); channels past `dim` pass
+/// through. `inverse` negates the angles.
 pub(super) fn rotate(
     xs: &[f32],
     cos: &[f32],
     sin: &[f32],
-    [_, seq, heads, head_dim]: [usize; 4],
+    [_, _, heads, head_dim]: [usize; 4],
+    [n, dim]: [usize; 2],
     inverse: bool,
 ) -> Vec<f32> {
-    let dim = cos.len() / seq.max(1);
     let half = dim / 2;
     let sign = if inverse { -1.0f32 } else { 1.0 };
     let mut out = vec![0f32; xs.len()];
@@ -20,7 +21,7 @@ pub(super) fn rotate(
         .zip(xs.par_chunks(head_dim))
         .enumerate()
         .for_each(|(r, (o, x))| {
-            let p = (r / heads) % seq;
+            let p = (r / heads) % n.max(1);
             let (c, s) = (&cos[p * dim..(p + 1) * dim], &sin[p * dim..(p + 1) * dim]);
             for i in 0..half {
                 let (x1, x2) = (x[i], x[i + half]);
