@@ -20,6 +20,8 @@ the same --weights-dir skips the initialisation (benches/gpu.sh runs two setting
 --batches FILE takes the micro-batches `phitune bench --train --data ... --batches-out FILE`
 wrote (the same rows and tokens, labels -100 outside the loss, attention mask over the real
 tokens, as TRL builds them) instead of random tokens; tokens/s then counts real tokens only.
+Packed micro-batches (`--packing`) are fed as TRL's padding-free collator does: position ids
+restarting at each example and no attention mask.
 
 Prints one JSON line with the same fields as `phitune bench --train`'s "report":
 tokens_per_s (steady state: timed steps only), median step/forward/backward/optimizer seconds,
@@ -137,17 +139,33 @@ def main():
             hb = batches[step % len(batches)]
             ids = torch.tensor(hb["input_ids"], device=args.device)
             labels = torch.tensor(hb["labels"], device=args.device)
-            mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(hb["lengths"])[:, None])
-            mask = mask.long().to(args.device)
             n_real = sum(hb["lengths"])
+            if "segments" in hb:
+                # Packed rows: each example's positions restart at 0 and no attention mask, from
+                # which transformers builds a block-diagonal causal mask (masking_utils'
+                # find_packed_sequence_indices). Padding continues the last example's positions.
+                pos = []
+                for row in hb["segments"]:
+                    p = [j for n in row for j in range(n)]
+                    last = row[-1] if row else 0
+                    p += range(last, last + ids.shape[1] - len(p))
+                    pos.append(p)
+                position_ids = torch.tensor(pos, device=args.device)
+                mask = None
+            else:
+                mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(hb["lengths"])[:, None])
+                mask = mask.long().to(args.device)
+                position_ids = None
         else:
             ids = (torch.arange(b * s) * 7919 + step * 104729 + 13) % config.vocab_size
             ids = labels = ids.reshape(b, s).to(args.device)
             mask = None
+            position_ids = None
             n_real = b * s
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels,
+                    use_cache=False)
         loss = out.loss.float().item()  # the loss on the host, as the Rust side reads it
         t1 = time.perf_counter()
         out.loss.backward()

@@ -417,6 +417,10 @@ pub struct BenchArgs {
     /// With --data: the template's maximum length.
     #[arg(long, default_value_t = 512)]
     pub max_len: usize,
+    /// With --data: pack each micro-batch's examples into rows of up to --max-len tokens, as
+    /// `train --packing` does.
+    #[arg(long, requires = "data")]
+    pub packing: bool,
     /// With --data: the tokenizer, from a model directory (tokenizer.json, config.json);
     /// default: --model.
     #[arg(long)]

@@ -92,6 +92,11 @@ impl<B: Nf4Backend> Phi<B> {
         self.lm_head.forward(self.final_hidden(ids, packing))
     }
 
+    /// The head's logits for final hidden states `h [rows, hidden]`: `[rows, vocab]`.
+    pub fn head_logits(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.lm_head.forward(h)
+    }
+
     /// The final hidden states `[batch, seq, hidden]` (after the final LayerNorm): what the
     /// head reads. `packing` lays several examples in a row.
     pub fn final_hidden(&self, ids: Tensor<B, 2, Int>, packing: Option<&Packing>) -> Tensor<B, 3> {

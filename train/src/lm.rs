@@ -229,10 +229,7 @@ impl<B: Nf4Backend> CausalLm<B> {
 
     /// Mean loss over the batch's target tokens (a `[1]` tensor) and the batch's statistics.
     pub fn objective(&self, batch: &LmBatch<B>) -> (Tensor<B, 1>, LmStats) {
-        let (nll_sum, correct) = match self.head {
-            Head::Targets { chunk } if batch.targets > 0 => self.target_head(batch, chunk),
-            _ => self.full_head(batch),
-        };
+        let (nll_sum, correct) = self.head(self.hidden(batch), batch);
         let loss = nll_sum.clone() / (batch.targets.max(1) as f64);
         let host = Tensor::cat(
             vec![nll_sum.detach(), correct.float().cast(FloatDType::F32)],
@@ -253,14 +250,33 @@ impl<B: Nf4Backend> CausalLm<B> {
         (loss, stats)
     }
 
-    /// `(sum of the targets' nll (f32), correct predictions)` through the head over the target
-    /// rows only, in chunks.
-    fn target_head(&self, batch: &LmBatch<B>, chunk: usize) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+    /// The final hidden states of every position, `[batch * seq, hidden]` (row-major): what the
+    /// head reads.
+    pub fn hidden(&self, batch: &LmBatch<B>) -> Tensor<B, 2> {
         let h = self
             .phi
             .final_hidden(batch.input_ids.clone(), batch.packing.as_ref());
         let [b, s, d] = h.dims();
-        let h = h.reshape([b * s, d]).select(0, batch.target_rows.clone());
+        h.reshape([b * s, d])
+    }
+
+    /// `(sum of the targets' nll (f32), correct predictions)` from the final hidden states `h
+    /// [batch * seq, hidden]`, through the head this model was built with.
+    pub fn head(&self, h: Tensor<B, 2>, batch: &LmBatch<B>) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+        match self.head {
+            Head::Targets { chunk } if batch.targets > 0 => self.target_head(h, batch, chunk),
+            _ => self.full_head(h, batch),
+        }
+    }
+
+    /// Through the target rows only, in chunks.
+    fn target_head(
+        &self,
+        h: Tensor<B, 2>,
+        batch: &LmBatch<B>,
+        chunk: usize,
+    ) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+        let h = h.select(0, batch.target_rows.clone());
         let (nll, predicted) = self
             .phi
             .head_cross_entropy(h, batch.target_ids.clone(), chunk);
@@ -269,14 +285,10 @@ impl<B: Nf4Backend> CausalLm<B> {
     }
 
     /// The same through logits at every position.
-    fn full_head(&self, batch: &LmBatch<B>) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+    fn full_head(&self, h: Tensor<B, 2>, batch: &LmBatch<B>) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
         let [b, s] = batch.input_ids.dims();
         let device = batch.labels.device();
-        let logits = self
-            .phi
-            .forward_packed(batch.input_ids.clone(), batch.packing.as_ref())
-            .cast(FloatDType::F32);
-        let vocab = logits.dims()[2];
+        let logits = self.phi.head_logits(h).cast(FloatDType::F32);
         // Position i predicts label i + 1; the last position of each sequence predicts nothing.
         let none = Tensor::full([b, 1], IGNORE, &device);
         let targets = if s > 1 {
@@ -285,7 +297,7 @@ impl<B: Nf4Backend> CausalLm<B> {
             none
         }
         .reshape([b * s]);
-        let (nll, predicted) = cross_entropy(logits.reshape([b * s, vocab]), targets.clone());
+        let (nll, predicted) = cross_entropy(logits, targets.clone());
         let correct = predicted
             .equal(targets.clone())
             .bool_and(targets.greater_equal_elem(0))

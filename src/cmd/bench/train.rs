@@ -12,12 +12,13 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use phitune_data::batch::{ExampleDataset, collate};
+use burn::tensor::{Distribution, Tensor};
+use phitune_data::batch::{ExampleDataset, collate, pack};
 use phitune_model::PhiTokenizer;
 use phitune_model::lora::LoraConfig;
 use phitune_model::ops::Nf4Backend;
 use phitune_model::phi::Quantization;
-use phitune_model::{Phi, PhiConfig};
+use phitune_model::{Packing, Phi, PhiConfig};
 use phitune_train::lm::{CausalLm, Head, LmBatch};
 use serde::Serialize;
 
@@ -33,6 +34,11 @@ pub struct TrainReport {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// The head alone (vocabulary projection and cross-entropy, forward and backward to its
+    /// input) on each timed step's rows, median seconds, timed apart from the step.
+    pub head_s: f64,
+    /// `head_s / step_s`: the share of a step spent in the head.
+    pub head_share: f64,
     pub trainable_params: usize,
     pub loss_first: f64,
     pub loss_last: f64,
@@ -60,6 +66,10 @@ pub struct HostBatch {
     pub labels: Vec<Vec<i64>>,
     /// Real tokens of each row (the rest is padding).
     pub lengths: Vec<usize>,
+    /// With --packing: each row's example lengths, in order (each example has its own
+    /// positions and attention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<Vec<usize>>>,
     #[serde(skip)]
     pub tokens: usize,
 }
@@ -90,6 +100,7 @@ pub fn host_batches(args: &BenchArgs, config: &PhiConfig) -> Result<Vec<HostBatc
                     labels: ids.clone(),
                     input_ids: ids,
                     lengths: vec![s; b],
+                    segments: None,
                     tokens: b * s,
                 }
             })
@@ -117,14 +128,24 @@ pub fn host_batches(args: &BenchArgs, config: &PhiConfig) -> Result<Vec<HostBatc
             let items: Vec<_> = (0..b)
                 .map(|i| examples[(step * b + i) % examples.len()].clone())
                 .collect();
-            let h = collate(&items, pad);
+            let (h, segments) = if args.packing {
+                let p = pack(&items, pad, args.max_len);
+                (p.host, Some(p.rows))
+            } else {
+                (collate(&items, pad), None)
+            };
             let rows =
                 |v: Vec<i64>| -> Vec<Vec<i64>> { v.chunks(h.seq).map(<[i64]>::to_vec).collect() };
+            let lengths = match &segments {
+                Some(rows) => rows.iter().map(|r| r.iter().sum()).collect(),
+                None => items.iter().map(|e| e.len).collect(),
+            };
             HostBatch {
                 shape: [h.batch, h.seq],
                 input_ids: rows(h.input_ids),
                 labels: rows(h.labels),
-                lengths: items.iter().map(|e| e.len).collect(),
+                lengths,
+                segments,
                 tokens: items.iter().map(|e| e.len).sum(),
             }
         })
@@ -184,13 +205,20 @@ where
     let batch = |step: usize| -> LmBatch<AB> {
         let h = &bench.batches[step];
         let (ids, labels) = (HostBatch::flat(&h.input_ids), HostBatch::flat(&h.labels));
-        LmBatch::from_host(ids, labels, h.shape, step as u64, h.tokens, &device)
+        let batch = LmBatch::from_host(ids, labels, h.shape, step as u64, h.tokens, &device);
+        match &h.segments {
+            Some(rows) => {
+                batch.packed(Packing::new(rows.clone(), h.shape[1]).expect("packed to fit"))
+            }
+            None => batch,
+        }
     };
     let mut tokens = 0;
     let sync = |d: &AB::Device| {
         let _ = AB::sync(d);
     };
     let (mut fwd, mut bwd, mut opt, mut steps) = (vec![], vec![], vec![], vec![]);
+    let mut head = vec![];
     let (mut first, mut last) = (f64::NAN, f64::NAN);
     for step in 0..args.warmup_steps + args.steps {
         let input = batch(step);
@@ -216,6 +244,7 @@ where
             bwd.push((t2 - t1).as_secs_f64());
             opt.push((t3 - t2).as_secs_f64());
             steps.push((t3 - t0).as_secs_f64());
+            head.push(head_seconds(&model, &input, config.hidden_size, &device));
         }
     }
     let total: f64 = steps.iter().sum();
@@ -234,6 +263,8 @@ where
         forward_s: median(&fwd),
         backward_s: median(&bwd),
         optimizer_s: median(&opt),
+        head_s: median(&head),
+        head_share: median(&head) / median(&steps),
         trainable_params: trainable,
         loss_first: first,
         loss_last: last,
@@ -241,4 +272,27 @@ where
         step_times_s: steps,
         generation,
     })
+}
+
+/// Seconds of the model's head alone on `input`'s rows (every position for the full head, the
+/// targets for the target-only one): forward and backward from random final hidden states.
+fn head_seconds<AB>(
+    model: &CausalLm<AB>,
+    input: &LmBatch<AB>,
+    hidden: usize,
+    device: &AB::Device,
+) -> f64
+where
+    AB: AutodiffBackend + Nf4Backend,
+    AB::InnerBackend: Nf4Backend,
+{
+    let [b, s] = input.input_ids.dims();
+    let h = Tensor::<AB, 2>::random([b * s, hidden], Distribution::Normal(0.0, 1.0), device)
+        .require_grad();
+    let _ = AB::sync(device);
+    let t = Instant::now();
+    let (nll, _) = model.head(h.clone(), input);
+    let grads = nll.backward();
+    let _ = h.grad(&grads).map(|g| g.into_data());
+    t.elapsed().as_secs_f64()
 }
