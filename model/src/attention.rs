@@ -3,7 +3,6 @@
 
 use burn::module::Module;
 use burn::nn::Dropout;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, FloatDType, Tensor, backend::Backend};
 
 use crate::cache::KvCache;
@@ -74,19 +73,8 @@ impl<B: Nf4Backend> Attention<B> {
         let scale = 1.0 / (d as f64).sqrt();
         let scores = q
             .cast(FloatDType::F32)
-            .matmul(k.cast(FloatDType::F32).swap_dims(2, 3))
-            .mul_scalar(scale);
-        let scores = match &ctx.mask {
-            Some(mask) => {
-                let shape = scores.shape();
-                scores.mask_fill(
-                    mask.clone().unsqueeze_dim::<4>(1).expand(shape),
-                    f32::NEG_INFINITY,
-                )
-            }
-            None => scores,
-        };
-        let probs = softmax(scores, 3).cast(v.dtype());
+            .matmul(k.cast(FloatDType::F32).swap_dims(2, 3));
+        let probs = crate::ops::attention_softmax(scores, ctx.mask.as_ref(), scale).cast(v.dtype());
         let probs = crate::ops::dropout(probs, self.attn_dropout.prob);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
         self.dense.forward(out)

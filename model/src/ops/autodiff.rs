@@ -6,7 +6,8 @@
 //! - Cross-entropy: only the nll is tracked; the state is the logits and the per-row
 //!   log-sum-exp.
 //! - `gelu_new` saves its input; the rotary embedding its tables (the backward is the rotation by
-//!   the negated angles); dropout its seed (the backward re-derives the mask).
+//!   the negated angles); the attention's softmax its output (the probabilities); dropout its
+//!   seed (the backward re-derives the mask).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -14,7 +15,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::{CrossEntropy, FusedOps, Nf4Backend};
@@ -222,6 +223,22 @@ impl<B: FusedOps> Backward<B, 1> for DropoutBackward {
 }
 
 #[derive(Debug)]
+struct AttentionSoftmaxBackward;
+
+impl<B: FusedOps> Backward<B, 1> for AttentionSoftmaxBackward {
+    type State = (FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_scores] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (probs, scale) = ops.state;
+        if let Some(node) = node_scores {
+            grads.register::<B>(node.id, B::attention_softmax_backward(probs, grad, scale));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct GeluTanhBackward;
 
 impl<B: FusedOps> Backward<B, 1> for GeluTanhBackward {
@@ -268,6 +285,38 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             targets,
             Self::inner(lse),
             Self::inner(grad),
+        ))
+    }
+
+    fn attention_softmax(
+        scores: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match AttentionSoftmaxBackward
+            .prepare::<C>([scores.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let probs = B::attention_softmax(scores.primitive, mask, scale);
+                prep.finish((probs.clone(), scale), probs)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::attention_softmax(scores.primitive, mask, scale))
+            }
+        }
+    }
+
+    fn attention_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::attention_softmax_backward(
+            Self::inner(probs),
+            Self::inner(grad),
+            scale,
         ))
     }
 

@@ -8,15 +8,16 @@
 //!   frozen weights. It is the one bound the model code needs (it implies [`FusedOps`]).
 //! - [`FusedOps`]: element-wise work in one pass forward and one backward, where Burn's
 //!   tensor-op forms walk their tensors once per op and allocate a temporary each time: the
-//!   language-model cross-entropy over the vocabulary, `gelu_new`, the rotary embedding and
-//!   dropout with a mask hashed from a seed and the element index.
+//!   language-model cross-entropy over the vocabulary, `gelu_new`, the rotary embedding, the
+//!   attention's scaled, masked softmax and dropout with a mask hashed from a seed and the
+//!   element index.
 //!
 //! One file or folder per backend:
 //!
 //! | file | backend |
 //! |---|---|
 //! | `reference.rs` | the tensor-op forms: every op's default, and what the kernels are tested against |
-//! | `ndarray/` | the CPU (`NdArray`): one file per op (`nf4.rs`, `cross_entropy.rs`, `gelu.rs`, `rope.rs`, `dropout.rs`), multi-threaded, no copies of weights |
+//! | `ndarray/` | the CPU (`NdArray`): one file per op (`nf4.rs`, `cross_entropy.rs`, `gelu.rs`, `rope.rs`, `softmax.rs`, `dropout.rs`), multi-threaded, no copies of weights |
 //! | `cube/` | CubeCL (CUDA, wgpu): `#[cube]` kernels and their launchers (feature `cube`) |
 //! | `fusion.rs` | `Fusion<B>` (what `Cuda`/`Wgpu` are with fusion on): each op registered as a custom operation |
 //! | `autodiff.rs` | `Autodiff<B>`: the hand-written backwards of every op |
@@ -33,8 +34,8 @@ pub mod reference;
 #[cfg(test)]
 mod tests;
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Shape, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::{Bool, Int, Shape, Tensor, TensorPrimitive, backend::Backend};
 
 pub use nf4_format::{Absmax, BLOCK, NF4_CODE, Nf4Host};
 
@@ -184,6 +185,27 @@ pub trait FusedOps: Backend {
         reference::rope::<Self>(x, cos, sin, inverse)
     }
 
+    /// The attention's probabilities from f32 `scores [batch, heads, q, k]`:
+    /// `softmax(scores * scale)` over the last dim, where `mask [1 or batch, q, k]` (true =
+    /// hidden) gives hidden keys probability 0. Every query must see at least one key.
+    fn attention_softmax(
+        scores: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        reference::attention_softmax::<Self>(scores, mask, scale)
+    }
+
+    /// The scores' gradient from the probabilities' `grad`: `scale * p * (grad - sum(grad *
+    /// p))` per row.
+    fn attention_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        reference::attention_softmax_backward::<Self>(probs, grad, scale)
+    }
+
     /// Whether [`FusedOps::dropout_seeded`] is implemented (else dropout uses Burn's ops).
     fn has_seeded_dropout() -> bool {
         false
@@ -255,6 +277,19 @@ fn apply_2d<B: Backend, const D: usize>(
     let mut out_dims = dims;
     out_dims[D - 1] = out;
     y.reshape(Shape::from(out_dims.to_vec()))
+}
+
+/// The attention's probabilities, `[batch, heads, q, k]` f32; see [`FusedOps::attention_softmax`].
+pub fn attention_softmax<B: FusedOps>(
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 3, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::attention_softmax(
+        scores.into_primitive().tensor(),
+        mask.map(|m| m.clone().into_primitive()),
+        scale,
+    )))
 }
 
 /// Rotary embedding of `x [batch, seq, heads, head_dim]`; see [`FusedOps::rope`].

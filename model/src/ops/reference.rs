@@ -2,9 +2,10 @@
 //! [`FusedOps`](super::FusedOps) (what a backend without its own kernel runs) and the
 //! definitions the kernels are tested against.
 
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::CrossEntropy;
 
@@ -61,6 +62,34 @@ pub fn cross_entropy_backward<B: Backend>(
         )
         .into_primitive()
         .tensor()
+}
+
+pub fn attention_softmax<B: Backend>(
+    scores: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let scores: Tensor<B, 4> = float::<B, 4>(scores).mul_scalar(scale);
+    let scores = match mask {
+        Some(mask) => {
+            let shape = scores.shape();
+            let mask: Tensor<B, 3, Bool> = Tensor::from_primitive(mask);
+            scores.mask_fill(mask.unsqueeze_dim::<4>(1).expand(shape), f32::NEG_INFINITY)
+        }
+        None => scores,
+    };
+    softmax(scores, 3).into_primitive().tensor()
+}
+
+pub fn attention_softmax_backward<B: Backend>(
+    probs: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let p: Tensor<B, 4> = float(probs);
+    let gp = p.clone() * float::<B, 4>(grad);
+    let dot = gp.clone().sum_dim(3);
+    ((gp - p * dot) * scale).into_primitive().tensor()
 }
 
 pub fn rope<B: Backend>(

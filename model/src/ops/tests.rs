@@ -254,3 +254,41 @@ fn nan_logits_give_nan_loss() {
         .unwrap();
     assert!(nll[1].is_nan() && nll[0].is_finite(), "{nll:?}");
 }
+
+#[test]
+fn fused_attention_softmax_and_its_gradient_match_burns_softmax() {
+    use burn::tensor::Bool;
+    let dev = Default::default();
+    <B as Backend>::seed(&dev, 21);
+    let [b, h, q, k] = [2, 3, 5, 7];
+    let causal = Tensor::<AB, 2, Bool>::tril_mask([q, k], 2, &dev).unsqueeze::<3>();
+    // Per batch row: a block-diagonal causal mask (two examples in the first row).
+    let packed = crate::packing::Packing::new(vec![vec![3, 2], vec![5]], 5).unwrap();
+    let per_row = packed.mask::<AB>(&dev);
+    let cases = [
+        (None, [b, h, q, k]),
+        (Some(causal), [b, h, q, k]),
+        (Some(per_row), [b, h, q, q]),
+    ];
+    for (mask, dims) in cases {
+        let x = Tensor::<AB, 4>::random(dims, Distribution::Normal(0.0, 3.0), &dev).require_grad();
+        let w = Tensor::<AB, 4>::random(dims, Distribution::Normal(0.0, 1.0), &dev);
+        let y = super::attention_softmax(x.clone(), mask.as_ref(), 0.37);
+        let g = x.grad(&(y.clone() * w.clone()).sum().backward()).unwrap();
+        // The same through Burn's ops (scale, mask_fill with -inf, softmax) and its autodiff.
+        let x2 = x.clone().detach().require_grad();
+        let s = x2.clone().mul_scalar(0.37);
+        let s = match &mask {
+            Some(m) => s.mask_fill(
+                m.clone().unsqueeze_dim::<4>(1).expand(dims),
+                f32::NEG_INFINITY,
+            ),
+            None => s,
+        };
+        let y2 = burn::tensor::activation::softmax(s, 3);
+        let g2 = x2.grad(&(y2.clone() * w).sum().backward()).unwrap();
+        let tol = Tolerance::absolute(1e-6);
+        y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
+        g.into_data().assert_approx_eq::<f32>(&g2.into_data(), tol);
+    }
+}

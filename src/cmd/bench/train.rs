@@ -1,9 +1,11 @@
 //! `bench --train`: training speed of the QLoRA setup on a model of a given configuration with
 //! random weights: LoRA r=4 (alpha 16, dropout 0.05) on q/k/v/dense over an NF4 (or float)
 //! base, AdamW, one micro-batch of random tokens per optimizer step, the loss on every token.
-//! Reports steady-state tokens/s (after warm-up steps), the median time of each phase (forward
-//! including the loss, backward, optimizer) and peak memory, then greedy generation speed from
-//! the trained model (KV cache on), as one JSON object.
+//! With `--data`, micro-batches of real rows instead (their lengths and loss masks; padded, or
+//! packed with `--packing`). Reports steady-state tokens/s (real tokens, after warm-up steps),
+//! the median time of each phase (forward including the loss, backward, optimizer), the head's
+//! share of a step (the head alone timed on the same rows) and peak memory, then greedy
+//! generation speed from the trained model (KV cache on), as one JSON object.
 
 use std::time::Instant;
 

@@ -10,6 +10,7 @@ mod math;
 mod matmul;
 mod nf4;
 mod rope;
+mod softmax;
 
 use std::borrow::Cow;
 
@@ -17,7 +18,7 @@ use burn::backend::NdArray;
 use burn::backend::ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray,
 };
-use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{ElementConversion, TensorMetadata};
 
 use self::nf4::Words;
@@ -27,6 +28,20 @@ use super::{CrossEntropy, FusedOps, Nf4Backend, reference};
 fn f32s(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
     match t {
         NdArrayTensor::F32(s) => {
+            let v = s.view();
+            Some(match v.to_slice() {
+                Some(sl) => Cow::Borrowed(sl),
+                None => Cow::Owned(v.iter().copied().collect()),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Row-major values of a bool tensor.
+fn bools(t: &NdArrayTensor) -> Option<Cow<'_, [bool]>> {
+    match t {
+        NdArrayTensor::Bool(s) => {
             let v = s.view();
             Some(match v.to_slice() {
                 Some(sl) => Cow::Borrowed(sl),
@@ -191,6 +206,43 @@ where
         let dims = [shape[0], shape[1], shape[2], shape[3]];
         let table = [cos.shape()[0], cos.shape()[1]];
         output(rope::rotate(&xs, &cs, &ss, dims, table, inverse), &dims)
+    }
+
+    fn attention_softmax(
+        scores: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let shape = scores.shape();
+        let bools = mask.as_ref().map(bools);
+        let (Some(xs), true) = (f32s(&scores), bools.as_ref().is_none_or(Option::is_some)) else {
+            return reference::attention_softmax::<Self>(scores, mask, scale);
+        };
+        let dims = [shape[0], shape[1], shape[2], shape[3]];
+        let mask = match (&mask, &bools) {
+            (Some(m), Some(Some(values))) => Some(softmax::Mask {
+                values,
+                per_batch: m.shape()[0] != 1,
+            }),
+            _ => None,
+        };
+        output(softmax::forward(&xs, mask, scale as f32, dims), &dims)
+    }
+
+    fn attention_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let shape = probs.shape();
+        let (Some(ps), Some(gs)) = (f32s(&probs), f32s(&grad)) else {
+            return reference::attention_softmax_backward::<Self>(probs, grad, scale);
+        };
+        let k = shape[shape.num_dims() - 1];
+        output(
+            softmax::backward(&ps, &gs, scale as f32, k),
+            shape.as_slice(),
+        )
     }
 
     fn has_seeded_dropout() -> bool {
