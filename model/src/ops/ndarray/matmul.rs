@@ -1,5 +1,6 @@
-//! Dense products against a frozen `W [n, k]` (row-major, PyTorch's `[out, in]`): matrixmultiply's
-//! sgemm, and a dot-product path for a handful of rows (decoding).
+//! Dense products against a frozen `W [n, k]` (row-major, PyTorch's `[out, in]`): the `gemm`
+//! crate's sgemm (multi-threaded; AVX-512 kernels where the CPU has them, chosen at run time),
+//! and a dot-product path for a handful of rows (decoding).
 
 use rayon::prelude::*;
 
@@ -22,26 +23,32 @@ pub(super) fn sgemm(
     assert!(
         rsb > 0 && csb > 0 && b.len() as isize > (k as isize - 1) * rsb + (n as isize - 1) * csb
     );
-    // SAFETY: matrixmultiply reads a as [m, k] row-major, b as [k, n] with the given (positive)
-    // strides and writes c as [m, n] with row stride rsc; the assertions above bound the last
-    // element of each, so every access is inside the slices.
+    // SAFETY: gemm reads a as [m, k] row-major (row stride k, column stride 1), b as [k, n] with
+    // the given (positive) strides and writes c as [m, n] with row stride rsc and column stride
+    // 1; the assertions above bound the last element of each, so every access is inside the
+    // slices. (gemm's `alpha` scales the destination, its `beta` the product.)
     #[allow(unsafe_code)]
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             m,
-            k,
             n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
+            k,
             c.as_mut_ptr(),
-            rsc,
             1,
+            rsc,
+            beta != 0.0,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            csb,
+            rsb,
+            beta,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
 }
