@@ -68,32 +68,25 @@ impl<B: Backend> Batcher<B, Item, LmBatch<B>> for LmBatcher {
         let position = items.first().map_or(0, |i| i.position);
         let examples: Vec<Example> = items.into_iter().map(|i| i.example).collect();
         let tokens = examples.iter().map(|e| e.len).sum();
-        match self.pack {
-            None => {
-                let h = collate(&examples, self.pad_id);
-                LmBatch::from_host(
-                    h.input_ids,
-                    h.labels,
-                    [h.batch, h.seq],
-                    position,
-                    tokens,
-                    device,
-                )
-            }
+        let (h, packing) = match self.pack {
+            None => (collate(&examples, self.pad_id), None),
             Some(capacity) => {
                 let p = pack(&examples, self.pad_id, capacity);
-                let h = p.host;
-                let packing = Packing::new(p.rows, h.seq).expect("rows packed to fit");
-                LmBatch::from_host(
-                    h.input_ids,
-                    h.labels,
-                    [h.batch, h.seq],
-                    position,
-                    tokens,
-                    device,
-                )
-                .packed(packing)
+                let packing = Packing::new(p.rows, p.host.seq).expect("rows packed to fit");
+                (p.host, Some(packing))
             }
+        };
+        let batch = LmBatch::from_host(
+            h.input_ids,
+            h.labels,
+            [h.batch, h.seq],
+            position,
+            tokens,
+            device,
+        );
+        match packing {
+            Some(p) => batch.packed(p),
+            None => batch,
         }
     }
 }
