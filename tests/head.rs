@@ -10,24 +10,13 @@ use burn::data::dataloader::batcher::Batcher;
 use phitune_data::batch::ExampleDataset;
 use phitune_data::load::load_path;
 use phitune_data::{LoadOptions, Template};
-use phitune_model::io::adapter::Adapter;
-use phitune_model::{Checkpoint, Phi, PhiTokenizer};
+use phitune_model::{Phi, PhiTokenizer};
 use phitune_train::lm::{CausalLm, Head, Item, LmBatch, LmBatcher};
 
 type A = Autodiff<NdArray<f32, i32>>;
 
-/// tiny-phi with a PEFT adapter whose A and B are both non-zero (so every LoRA gradient is).
 fn model() -> (Phi<A>, PhiTokenizer) {
-    let device = Default::default();
-    let dir = common::fixtures().join("tiny-phi");
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let tok = PhiTokenizer::from_dir(&dir, ckpt.config()).unwrap();
-    let adapter = Adapter::read(&common::fixtures().join("adapters/peft-all-r8")).unwrap();
-    let phi = Phi::<A>::load(&ckpt, &device)
-        .unwrap()
-        .with_adapter(&adapter, &device)
-        .unwrap();
-    (phi, tok)
+    common::tiny_with_adapter()
 }
 
 fn batch(tok: &PhiTokenizer, template: Template) -> LmBatch<A> {

@@ -12,8 +12,7 @@ use phitune_data::batch::{ExampleDataset, pack};
 use phitune_data::load::load_path;
 use phitune_data::prompt::Example;
 use phitune_data::{LoadOptions, Template};
-use phitune_model::io::adapter::Adapter;
-use phitune_model::{Checkpoint, Phi, PhiTokenizer};
+use phitune_model::{Phi, PhiTokenizer};
 use phitune_train::lm::{CausalLm, Head, Item, LmBatch, LmBatcher};
 
 type A = Autodiff<NdArray<f32, i32>>;
@@ -21,15 +20,7 @@ type A = Autodiff<NdArray<f32, i32>>;
 /// tiny-phi with a PEFT adapter whose A and B are both non-zero, and every dropout off (its
 /// masks depend on where a token lies in the batch, which packing changes).
 fn model() -> (Phi<A>, PhiTokenizer) {
-    let device = Default::default();
-    let dir = common::fixtures().join("tiny-phi");
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let tok = PhiTokenizer::from_dir(&dir, ckpt.config()).unwrap();
-    let adapter = Adapter::read(&common::fixtures().join("adapters/peft-all-r8")).unwrap();
-    let mut phi = Phi::<A>::load(&ckpt, &device)
-        .unwrap()
-        .with_adapter(&adapter, &device)
-        .unwrap();
+    let (mut phi, tok) = common::tiny_with_adapter::<A>();
     phi.embed_dropout.prob = 0.0;
     for l in &mut phi.layers {
         l.resid_dropout.prob = 0.0;

@@ -76,3 +76,21 @@ pub fn assert_one_line_error(o: &Output, want: &str) {
 }
 
 pub mod nf4;
+
+/// tiny-phi with the PEFT adapter whose A and B are both non-zero (so every LoRA gradient is),
+/// and its tokenizer.
+pub fn tiny_with_adapter<B: phitune_model::Nf4Backend>()
+-> (phitune_model::Phi<B>, phitune_model::PhiTokenizer) {
+    let device = Default::default();
+    let dir = fixtures().join("tiny-phi");
+    let ckpt = phitune_model::Checkpoint::open(&dir).unwrap();
+    let tok = phitune_model::PhiTokenizer::from_dir(&dir, ckpt.config()).unwrap();
+    let adapter =
+        phitune_model::io::adapter::Adapter::read(&fixtures().join("adapters/peft-all-r8"))
+            .unwrap();
+    let phi = phitune_model::Phi::<B>::load(&ckpt, &device)
+        .unwrap()
+        .with_adapter(&adapter, &device)
+        .unwrap();
+    (phi, tok)
+}
