@@ -16,7 +16,7 @@ type A = Autodiff<B>;
 fn fused_nf4_matches_dense_on_ndarray() {
     // Shapes include a tile boundary (256 rows), a row count not a multiple of anything,
     // widths that are not multiples of 64 (blocks straddle rows), a single-row input, and
-    // 1-4 rows with whole blocks per row (the decoding path).
+    // 1-4 rows with whole blocks per row (the decoding path, vectorised where the CPU can).
     check_fused::<A>(
         &Default::default(),
         &[
@@ -25,6 +25,7 @@ fn fused_nf4_matches_dense_on_ndarray() {
             (17, 40, 200),
             (2, 513, 64),
             (4, 70, 192),
+            (1, 100, 256),
         ],
     );
 }

@@ -215,6 +215,14 @@ impl<B: Nf4Backend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
             None => self.base.forward(x),
+            // Without autodiff (generation), the adapter is one fused op onto the base output.
+            Some(lora) if !B::ad_enabled(&x.device()) => crate::ops::lora_add(
+                self.base.forward(x.clone()),
+                x,
+                lora.a.val(),
+                lora.b.val(),
+                lora.scaling,
+            ),
             Some(lora) => self.base.forward(x.clone()) + lora.forward(x),
         }
     }

@@ -206,6 +206,20 @@ pub trait FusedOps: Backend {
         reference::attention_softmax_backward::<Self>(probs, grad, scale)
     }
 
+    /// LoRA at inference, onto the base layer's output: `y + scale * (x a) b` for `y [m, out]`,
+    /// `x [m, in]`, `a [in, r]`, `b [r, out]` (f32 adapter weights, cast to `x`'s dtype). Not
+    /// differentiable: called only where autodiff is off (decoding's three small products and
+    /// the add are one op).
+    fn lora_add(
+        y: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        reference::lora_add::<Self>(y, x, a, b, scale)
+    }
+
     /// Whether [`FusedOps::dropout_seeded`] is implemented (else dropout uses Burn's ops).
     fn has_seeded_dropout() -> bool {
         false
@@ -230,6 +244,30 @@ pub fn frozen_linear<B: Nf4Backend, const D: usize>(
     let [out, _] = w.dims();
     apply_2d(x, out, |x2| {
         B::frozen_matmul(x2, w.into_primitive().tensor())
+    })
+}
+
+/// `y + scale * (x a) b` over the last dim (`x [..., in]`, `y [..., out]`); see
+/// [`FusedOps::lora_add`]. Inference only.
+pub fn lora_add<B: FusedOps, const D: usize>(
+    y: Tensor<B, D>,
+    x: Tensor<B, D>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, D> {
+    let dims = y.dims();
+    let out = dims[D - 1];
+    let m: usize = dims[..D - 1].iter().product();
+    let y2: Tensor<B, 2> = y.reshape([m, out]);
+    apply_2d(x, out, |x2| {
+        B::lora_add(
+            y2.into_primitive().tensor(),
+            x2,
+            a.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+            scale,
+        )
     })
 }
 

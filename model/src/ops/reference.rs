@@ -132,6 +132,22 @@ fn shaped_like<B: Backend>(t: Tensor<B, 1>, like: &FloatTensor<B>) -> FloatTenso
     B::float_reshape(t.into_primitive().tensor(), like.shape())
 }
 
+pub fn lora_add<B: Backend>(
+    y: FloatTensor<B>,
+    x: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let x: Tensor<B, 2> = float(x);
+    let dtype = x.dtype();
+    let (a, b): (Tensor<B, 2>, Tensor<B, 2>) = (float(a), float(b));
+    let delta = x.matmul(a.cast(dtype)).matmul(b.cast(dtype));
+    (float::<B, 2>(y) + delta.mul_scalar(scale))
+        .into_primitive()
+        .tensor()
+}
+
 pub fn gelu_tanh<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     let like = x.clone();
     let y = burn::tensor::activation::gelu_approximate(flat::<B>(x));

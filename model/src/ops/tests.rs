@@ -292,3 +292,29 @@ fn fused_attention_softmax_and_its_gradient_match_burns_softmax() {
         g.into_data().assert_approx_eq::<f32>(&g2.into_data(), tol);
     }
 }
+
+#[test]
+fn fused_lora_add_matches_the_tensor_op_form() {
+    let device = Default::default();
+    for (m, k, r, n) in [
+        (1usize, 64usize, 4usize, 48usize),
+        (3, 37, 2, 5),
+        (5, 128, 8, 130),
+    ] {
+        let rand =
+            |s: [usize; 2]| Tensor::<B, 2>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        let (y, x, a, b) = (rand([m, n]), rand([m, k]), rand([k, r]), rand([r, n]));
+        let prim = |t: &Tensor<B, 2>| t.clone().into_primitive().tensor();
+        let fused: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(B::lora_add(
+            prim(&y),
+            prim(&x),
+            prim(&a),
+            prim(&b),
+            2.5,
+        )));
+        let want = y + x.matmul(a).matmul(b).mul_scalar(2.5);
+        fused
+            .into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-4));
+    }
+}

@@ -1,6 +1,6 @@
 //! Dense products against a frozen `W [n, k]` (row-major, PyTorch's `[out, in]`): the `gemm`
 //! crate's sgemm (multi-threaded; AVX-512 kernels where the CPU has them, chosen at run time),
-//! and a dot-product path for a handful of rows (decoding).
+//! and dot products ([`super::simd::dot_rows`]) for a handful of rows (decoding).
 
 use rayon::prelude::*;
 
@@ -64,9 +64,8 @@ pub(super) fn frozen_matmul(xs: &[f32], ws: &[f32], m: usize, n: usize, k: usize
                 .par_chunks_mut(64)
                 .enumerate()
                 .for_each(|(c, chunk)| {
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        *o = dot(xr, &ws[(c * 64 + j) * k..][..k]);
-                    }
+                    let rows = &ws[c * 64 * k..(c * 64 + chunk.len()) * k];
+                    super::simd::dot_rows(xr, rows, k, chunk);
                 });
         }
     } else {
@@ -80,22 +79,4 @@ pub(super) fn frozen_matmul_t(dys: &[f32], ws: &[f32], m: usize, n: usize, k: us
     let mut out = vec![0f32; m * k];
     sgemm(m, n, k, dys, ws, k as isize, 1, &mut out, k as isize, 0.0);
     out
-}
-
-/// Dot product with 8 independent accumulators (vectorizes).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }

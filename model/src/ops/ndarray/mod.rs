@@ -6,10 +6,12 @@
 mod cross_entropy;
 mod dropout;
 mod gelu;
+mod lora;
 mod math;
 mod matmul;
 mod nf4;
 mod rope;
+mod simd;
 mod softmax;
 
 use std::borrow::Cow;
@@ -227,6 +229,23 @@ where
             _ => None,
         };
         output(softmax::forward(&xs, mask, scale as f32, dims), &dims)
+    }
+
+    fn lora_add(
+        y: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let (ys, xs, as_, bs) = (f32s(&y), f32s(&x), f32s(&a), f32s(&b));
+        let (Some(ys), Some(xs), Some(as_), Some(bs)) = (ys, xs, as_, bs) else {
+            return reference::lora_add::<Self>(y, x, a, b, scale);
+        };
+        let shape = y.shape();
+        let r = a.shape()[1];
+        let values = lora::add(ys.into_owned(), &xs, &as_, &bs, r, scale as f32);
+        output(values, shape.as_slice())
     }
 
     fn attention_softmax_backward(

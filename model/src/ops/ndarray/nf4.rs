@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::matmul::sgemm;
+use super::simd;
 use crate::ops::{BLOCK, NF4_CODE};
 
 /// Rows of W dequantized at a time.
@@ -28,8 +29,23 @@ impl Words<'_> {
     }
 }
 
-/// Dequantizes rows `r0..r0 + rows` of an `[out, k]` NF4 weight into `buf` (row-major).
+/// Dequantizes rows `r0..r0 + rows` of an `[out, k]` NF4 weight into `buf` (row-major): whole
+/// blocks per row through the vector kernels where the CPU has them, else one value at a time.
 fn dequant_rows(words: &Words, absmax: &[f32], k: usize, r0: usize, buf: &mut [f32]) {
+    if let (Words::I32(w), true) = (words, k.is_multiple_of(BLOCK)) {
+        let (row_words, row_blocks) = (k / 8, k / BLOCK);
+        let done = buf.par_chunks_mut(k).enumerate().all(|(r, row)| {
+            let j = r0 + r;
+            simd::nf4_dequant(
+                &w[j * row_words..(j + 1) * row_words],
+                &absmax[j * row_blocks..(j + 1) * row_blocks],
+                row,
+            )
+        });
+        if done {
+            return;
+        }
+    }
     buf.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
         let base = (r0 + r) * k;
         for (j, v) in row.iter_mut().enumerate() {
@@ -141,17 +157,58 @@ impl Word for i64 {
 
 /// `x [m, k] @ dequant(W)^T` for a few rows, decoding the codes on the fly (nothing dense is
 /// written; each weight is read once as 4 bits). Needs `k % 64 == 0` (blocks within rows).
+/// With AVX2 or AVX-512, the vector kernels of [`simd::nf4_rows`]; otherwise [`gemv_words`].
 fn gemv(xs: &[f32], words: &Words, absmax: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    match words {
-        Words::I32(w) => gemv_words(xs, w, absmax, m, n, k),
-        Words::I64(w) => gemv_words(xs, w, absmax, m, n, k),
+    let Some(group) = simd::nf4_group() else {
+        return match words {
+            Words::I32(w) => gemv_words(xs, w, absmax, m, n, k),
+            Words::I64(w) => gemv_words(xs, w, absmax, m, n, k),
+        };
+    };
+    let narrowed: Vec<i32>;
+    let words = match words {
+        Words::I32(w) => *w,
+        Words::I64(w) => {
+            narrowed = w.iter().map(|&v| v as i32).collect();
+            &narrowed
+        }
+    };
+    let xs = simd::nf4_deinterleave(xs, group);
+    let (row_words, row_blocks) = (k / 8, k / BLOCK);
+    let mut out_t = vec![0f32; n * m]; // [n, m]: rows of W in parallel
+    out_t
+        .par_chunks_mut(m * GEMV_TASK_ROWS)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let (r0, rows) = (c * GEMV_TASK_ROWS, chunk.len() / m);
+            let done = simd::nf4_rows(
+                &xs,
+                m,
+                &words[r0 * row_words..(r0 + rows) * row_words],
+                &absmax[r0 * row_blocks..(r0 + rows) * row_blocks],
+                k,
+                chunk,
+            );
+            debug_assert!(done);
+        });
+    transpose(&out_t, m, n)
+}
+
+/// `[n, m]` -> `[m, n]`.
+fn transpose(t: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for (j, row) in t.chunks(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * n + j] = v;
+        }
     }
+    out
 }
 
 /// Rows of W per parallel task in [`gemv_words`].
 const GEMV_TASK_ROWS: usize = 16;
 
-/// Threads over rows of W. Within a 64-value block each input row keeps 8 independent partial
+/// The portable path. Threads over rows of W. Within a 64-value block each input row keeps 8 independent partial
 /// sums (one per code position, so the products vectorise and no add waits on the one before),
 /// folded and scaled by the block's absmax once.
 fn gemv_words<W: Word>(
@@ -191,12 +248,5 @@ fn gemv_words<W: Word>(
                 }
             }
         });
-    // [n, m] -> [m, n]
-    let mut out = vec![0f32; m * n];
-    for (j, row) in out_t.chunks(m).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            out[i * n + j] = v;
-        }
-    }
-    out
+    transpose(&out_t, m, n)
 }
