@@ -33,6 +33,16 @@ impl DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// The device's index among those of its kind (0 for the CPU and a default wgpu adapter).
+    pub fn index(&self) -> u16 {
+        match *self {
+            DeviceSpec::Cpu | DeviceSpec::Wgpu(None) => 0,
+            DeviceSpec::Cuda(i) | DeviceSpec::Wgpu(Some(i)) => i as u16,
+        }
+    }
+}
+
 impl std::str::FromStr for DeviceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -61,6 +61,19 @@ pub struct TrainArgs {
     pub flags: phitune_train::TrainFlags,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Data-parallel over these devices of one kind, one worker thread each (e.g.
+    /// `cuda:0,cuda:1`; `cpu,cpu` runs two CPU ranks): each optimizer step's micro-batches are
+    /// shared out and their gradients all-reduced once per step. Replaces --device.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        conflicts_with = "device"
+    )]
+    pub devices: Vec<DeviceSpec>,
+    /// Seconds a rank waits for the others (--devices) before the run stops with an error.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub peer_timeout: u64,
 }
 
 #[derive(Args, Debug)]

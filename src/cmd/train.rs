@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use phitune_model::ops::Nf4Backend;
 
 use crate::backend::{DeviceSpec, Job, dispatch};
@@ -10,7 +10,25 @@ use crate::cli::TrainArgs;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let dashboard = !args.no_dashboard && std::io::stdout().is_terminal();
-    let (device, dtype) = args.device.resolve();
+    let (mut device, dtype) = args.device.resolve();
+    let device_indices = match args.devices.split_first() {
+        None => Vec::new(),
+        Some((&first, rest)) => {
+            if let Some(other) = rest
+                .iter()
+                .find(|d| std::mem::discriminant(*d) != std::mem::discriminant(&first))
+            {
+                bail!(
+                    "--devices mixes {first} and {other}: the ranks of a run share one kind of device"
+                );
+            }
+            device = first;
+            args.devices.iter().map(DeviceSpec::index).collect()
+        }
+    };
+    if args.peer_timeout == 0 {
+        bail!("--peer-timeout must be at least 1 second");
+    }
     let prepared = phitune_train::prepare(phitune_train::Request {
         config_file: args.config,
         flags: args.flags,
@@ -20,6 +38,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         stop_after: args.stop_after,
         dashboard,
         cuda: matches!(device, DeviceSpec::Cuda(_)),
+        device_indices,
+        peer_timeout: std::time::Duration::from_secs(args.peer_timeout),
     })?;
     let summary = dispatch(device, dtype, Train(prepared))?;
     eprintln!(

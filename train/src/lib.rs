@@ -12,6 +12,7 @@ pub mod eval;
 pub mod f1;
 pub mod lm;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod run;
 pub mod schedule;

@@ -55,6 +55,19 @@ pub struct LmBatch<B: Backend> {
     pub tokens: usize,
 }
 
+impl<B: Backend> LmBatch<B> {
+    /// The same micro-batch on `device` (data parallelism hands batches to other devices).
+    pub fn to_device(self, device: &B::Device) -> Self {
+        Self {
+            input_ids: self.input_ids.to_device(device),
+            labels: self.labels.to_device(device),
+            target_rows: self.target_rows.to_device(device),
+            target_ids: self.target_ids.to_device(device),
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LmBatcher {
     pub pad_id: u32,

@@ -47,6 +47,10 @@ pub struct Request {
     /// The run is on a CUDA device: GPU memory and utilisation (NVML) join the dashboard's
     /// metrics where the build has them (the `gpu-metrics` feature).
     pub cuda: bool,
+    /// Data parallelism over devices of one kind: each rank's device index.
+    pub device_indices: Vec<u16>,
+    /// How long a rank waits for the others.
+    pub peer_timeout: std::time::Duration,
 }
 
 /// Everything resolved on the host before touching a device.
@@ -61,6 +65,10 @@ pub struct Prepared {
     pub pad_id: u32,
     pub dashboard: bool,
     pub cuda: bool,
+    /// `--devices`: the device index of each rank (one entry or none: a single device).
+    pub device_indices: Vec<u16>,
+    /// `--peer-timeout`.
+    pub peer_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +145,14 @@ pub fn prepare(req: Request) -> Result<Prepared> {
             config.max_steps
         );
     }
+    let ranks = req.device_indices.len();
+    if ranks > 1 && config.grad_accum < ranks {
+        bail!(
+            "--devices: {ranks} ranks but grad_accum is {}: each optimizer step's {} micro-batches are shared out among the ranks, so grad_accum must be at least {ranks}",
+            config.grad_accum,
+            config.grad_accum
+        );
+    }
 
     let dir = phitune_model::io::hub::resolve_model(&config.model, config.revision.as_deref())?;
     let ckpt = Checkpoint::open(&dir)?;
@@ -187,6 +203,8 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         pad_id,
         dashboard: req.dashboard,
         cuda: req.cuda,
+        device_indices: req.device_indices,
+        peer_timeout: req.peer_timeout,
     })
 }
 
@@ -270,6 +288,8 @@ where
         started,
         data_fingerprint: checkpoint::data_fingerprint(&p.train),
         evaluates: !p.valid.is_empty(),
+        device_indices: p.device_indices.clone(),
+        peer_timeout: p.peer_timeout,
     };
     let (training, interrupter) =
         build_training(&p, start_step, step_loop, train_loader, valid_loader);
@@ -514,16 +534,18 @@ fn finish<B: Nf4Backend>(
         Stop::StoppedAfter(n) => format!("stopped after step {n}"),
         Stop::Interrupted(why) => format!("interrupted ({why})"),
         Stop::NonFinite { step, what } => {
-            let keep = outcome
-                .last_checkpoint
-                .as_ref()
-                .map_or("there is no checkpoint yet".to_string(), |d| {
-                    format!("the last good checkpoint is {}", d.display())
-                });
+            let keep = last_good(outcome);
             bail!(
                 "training stopped at step {step}: {what} is not finite; {keep} (lower --lr or --max-grad-norm, then --resume)"
             );
         }
+        Stop::Failed(e) if p.device_indices.len() > 1 => match &outcome.last_checkpoint {
+            Some(d) => bail!(
+                "training stopped: {e}; the last good checkpoint is {} (--resume continues from it)",
+                d.display()
+            ),
+            None => bail!("training stopped: {e}; there is no checkpoint yet"),
+        },
         Stop::Failed(e) => bail!("training stopped: {e}"),
     };
     let adapter = model.phi.adapter(&c.lora(), Some(c.model.clone()));
@@ -600,6 +622,16 @@ fn stop_on_signals(interrupter: burn::train::Interrupter) -> Option<signal_hook:
 
 /// `curves.svg`: loss and perplexity (train and held-out), learning rate and gradient norm per
 /// optimizer step.
+/// Where a failed run can be resumed from.
+fn last_good(outcome: &Outcome) -> String {
+    outcome
+        .last_checkpoint
+        .as_ref()
+        .map_or("there is no checkpoint yet".to_string(), |d| {
+            format!("the last good checkpoint is {}", d.display())
+        })
+}
+
 pub fn write_curves(out: &Path, records: &[metrics::Record]) -> Result<()> {
     use crate::plot::{Panel, Series, svg};
     use plotters::style::RGBColor;

@@ -27,7 +27,9 @@ use crate::clip::clip_global_norm;
 use crate::config::TrainConfig;
 use crate::lm::{CausalLm, LmStats};
 use crate::metrics::{MetricsLog, Record};
+use crate::parallel::Peers;
 use crate::schedule::WarmupCosine;
+use burn::tensor::backend::{Device as _, DeviceId};
 
 pub type Optim<AB> = OptimizerAdaptor<AdamW, CausalLm<AB>, AB>;
 pub type Components<AB> = LearningComponentsMarker<AB, WarmupCosine, CausalLm<AB>, Optim<AB>>;
@@ -71,6 +73,11 @@ pub struct StepLoop {
     pub data_fingerprint: u64,
     /// There are held-out examples to evaluate on.
     pub evaluates: bool,
+    /// Data parallelism: the device index of each rank (rank 0 is the model's device); one
+    /// entry or none for a single device.
+    pub device_indices: Vec<u16>,
+    /// How long a rank waits for the others before stopping (`--peer-timeout`).
+    pub peer_timeout: std::time::Duration,
 }
 
 struct Ctx<'a, AB>
@@ -83,6 +90,28 @@ where
 }
 
 impl StepLoop {
+    /// The other ranks' workers, started with a copy of `model` (None on one device).
+    fn peers<AB>(&self, model: &CausalLm<AB>) -> anyhow::Result<Option<Peers<AB>>>
+    where
+        AB: AutodiffBackend + Nf4Backend,
+        AB::InnerBackend: Nf4Backend,
+    {
+        if self.device_indices.len() < 2 {
+            return Ok(None);
+        }
+        let base = burn::module::Module::devices(model)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let kind = base.to_id().type_id;
+        let devices = self
+            .device_indices
+            .iter()
+            .map(|&i| AB::Device::from_id(DeviceId::new(kind, i)))
+            .collect();
+        Peers::start(model, devices, self.peer_timeout).map(Some)
+    }
+
     fn elapsed(&self) -> f64 {
         self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
@@ -218,6 +247,14 @@ where
             processor: &mut processor,
             valid: &valid,
         };
+        let mut peers = match self.peers(&learner.model()) {
+            Ok(p) => p,
+            Err(e) => {
+                let stop = Stop::Failed(format!("{e:#}"));
+                self.finish(stop, step, last_checkpoint, last_valid);
+                return (learner.model(), processor);
+            }
+        };
 
         let stop = loop {
             if step >= c.max_steps {
@@ -229,45 +266,72 @@ where
             let t0 = Instant::now();
             let mut accumulator = GradientsAccumulator::new();
             let mut stats = LmStats::default();
-            let mut exhausted = false;
-            for k in 0..c.grad_accum {
-                let Some(batch) = iter.next() else {
-                    exhausted = true;
-                    break;
-                };
+            // The step's micro-batches, in stream order; with peers, micro-batch k belongs to
+            // rank k % ranks, and the workers get theirs before rank 0 starts on its own.
+            let batches: Vec<_> = iter.by_ref().take(c.grad_accum).collect();
+            if batches.len() < c.grad_accum {
+                break Stop::Failed(format!(
+                    "the training stream ended before step {}",
+                    step + 1
+                ));
+            }
+            let mut mine = Vec::new();
+            let mut handed = Ok(());
+            for (k, batch) in batches.into_iter().enumerate() {
+                match &peers {
+                    Some(p) if p.rank_of(k) != 0 => {
+                        handed = handed.and_then(|()| p.send(p.rank_of(k), batch));
+                    }
+                    _ => mine.push((k, batch)),
+                }
+            }
+            let local = !mine.is_empty();
+            for (k, batch) in mine {
                 let t = Instant::now();
                 let out = learner.train_step(batch);
                 accumulator.accumulate(&learner.model(), out.grads);
                 let mut item = out.item;
                 item.seconds = t.elapsed().as_secs_f64();
                 stats.add(&item);
-                let done_in_interval = (step % every) * c.grad_accum + k + 1;
-                let progress = Progress::new(
-                    done_in_interval,
-                    every.min(c.max_steps - (interval - 1) * every) * c.grad_accum,
-                );
-                ctx.processor
-                    .process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
-                        item,
-                        progress,
-                        Progress::new(interval, intervals),
-                        Some(step + 1),
-                        Some(lr),
-                    )));
+                // With peers the dashboard gets the whole step at its end instead (global
+                // tokens/s over the step's wall time).
+                if peers.is_none() {
+                    let done_in_interval = (step % every) * c.grad_accum + k + 1;
+                    let progress = Progress::new(
+                        done_in_interval,
+                        every.min(c.max_steps - (interval - 1) * every) * c.grad_accum,
+                    );
+                    ctx.processor
+                        .process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
+                            item,
+                            progress,
+                            Progress::new(interval, intervals),
+                            Some(step + 1),
+                            Some(lr),
+                        )));
+                }
             }
-            if exhausted {
-                break Stop::Failed(format!(
-                    "the training stream ended before step {}",
-                    step + 1
-                ));
-            }
+            let mut grads = match &mut peers {
+                None => accumulator.grads(),
+                Some(p) => {
+                    let reduced = handed.and_then(|()| {
+                        p.all_reduce(&learner.model(), local.then(|| accumulator.grads()))
+                    });
+                    match reduced {
+                        Ok((grads, theirs)) => {
+                            theirs.iter().for_each(|s| stats.add(s));
+                            grads
+                        }
+                        Err(e) => break Stop::Failed(format!("step {}: {e:#}", step + 1)),
+                    }
+                }
+            };
             if !stats.nll_sum.is_finite() {
                 break Stop::NonFinite {
                     step: step + 1,
                     what: format!("loss {}", stats.loss()),
                 };
             }
-            let mut grads = accumulator.grads();
             let norm = clip_global_norm::<AB, _>(&learner.model(), &mut grads, c.max_grad_norm);
             if !norm.is_finite() {
                 break Stop::NonFinite {
@@ -276,8 +340,27 @@ where
                 };
             }
             learner.optimizer_step(grads);
+            if let Some(p) = &peers
+                && let Err(e) = p.update(&learner.model())
+            {
+                break Stop::Failed(format!("step {}: {e:#}", step + 1));
+            }
             step += 1;
             stats.seconds = t0.elapsed().as_secs_f64();
+            if peers.is_some() {
+                let progress = Progress::new(
+                    (step - 1) % every * c.grad_accum + c.grad_accum,
+                    every.min(c.max_steps - (interval - 1) * every) * c.grad_accum,
+                );
+                ctx.processor
+                    .process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
+                        stats,
+                        progress,
+                        Progress::new(interval, intervals),
+                        Some(step),
+                        Some(lr),
+                    )));
+            }
 
             let mut record = Record::from_stats("train", step, &stats, self.elapsed());
             record.lr = Some(lr);

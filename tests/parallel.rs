@@ -1,0 +1,260 @@
+//! `train --devices`: data parallelism over the devices of one process on burn-collective's local
+//! peers, here several CPU ranks in one process. The run must be the single-device run (each
+//! optimizer step's micro-batches shared out, the gradients all-reduced once per step): losses,
+//! gradient norms, held-out losses and the adapter within 1e-5. A rank that crashes or hangs
+//! stops the run within the peer timeout, naming the rank and the last good checkpoint, and
+//! the run resumed from it ends as the uninterrupted one.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use phitune_train::metrics::{self, Record};
+
+const SAMPLE: &str = "data/samples/persona_chat_sample.jsonl";
+
+/// 4 micro-batches of 1 sequence per optimizer step, LoRA dropout on (its masks must follow the
+/// micro-batch, not the rank), a checkpoint every 2 steps and held-out evaluation every 2.
+fn args(out: &Path, placement: &[&str], extra: &[&str]) -> Vec<String> {
+    let tiny = fixtures().join("tiny-phi");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        root.join(SAMPLE).to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--micro-batch",
+        "1",
+        "--grad-accum",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora-dropout",
+        "0.1",
+        "--valid-fraction",
+        "0.1",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--grad-checkpointing",
+        "false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(placement.iter().chain(extra).map(|s| s.to_string()));
+    a
+}
+
+fn run(args: &[String]) -> std::process::Output {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    phitune(&a)
+}
+
+fn records(out: &Path) -> Vec<Record> {
+    metrics::read(&out.join("metrics.jsonl")).unwrap()
+}
+
+/// Every train and valid record of `b` equals `a`'s (loss, gradient norm, tokens), and so do
+/// the final adapters' factors.
+fn assert_same_run(a: &Path, b: &Path) {
+    let (ra, rb) = (records(a), records(b));
+    assert_eq!(ra.len(), rb.len(), "{} vs {} records", ra.len(), rb.len());
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!((&x.split, x.step), (&y.split, y.step));
+        assert_eq!(x.tokens, y.tokens, "{} step {}: tokens", x.split, x.step);
+        assert!(
+            (x.loss - y.loss).abs() < 1e-5,
+            "{} step {}: loss {} vs {}",
+            x.split,
+            x.step,
+            x.loss,
+            y.loss
+        );
+        if let (Some(g), Some(h)) = (x.grad_norm, y.grad_norm) {
+            assert!(
+                (g - h).abs() < 1e-5,
+                "step {}: gradient norm {g} vs {h}",
+                x.step
+            );
+        }
+        assert_eq!(x.grad_norm.is_some(), y.grad_norm.is_some());
+    }
+    let read = |d: &Path| phitune_model::io::adapter::Adapter::read(d).unwrap();
+    let (wa, wb) = (read(a), read(b));
+    assert_eq!(wa.modules.len(), wb.modules.len());
+    let mut moved = 0f32;
+    for (k, ma) in &wa.modules {
+        let mb = &wb.modules[k];
+        for (what, x, y) in [("A", &ma.a, &mb.a), ("B", &ma.b, &mb.b)] {
+            let diff = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{k}: {what} differs by {diff}");
+        }
+        moved = ma.b.iter().fold(moved, |m, v| m.max(v.abs()));
+    }
+    // B starts at zero: the comparison means something only if training moved it.
+    assert!(
+        moved > 1e-4,
+        "the adapter did not train (max |B| = {moved})"
+    );
+}
+
+#[test]
+fn cpu_ranks_train_exactly_as_one_device() {
+    let dir = scratch("parallel-equal");
+    let one = dir.join("one");
+    let o = run(&args(&one, &["--device", "cpu"], &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Two ranks take two micro-batches each; three take 2 + 1 + 1.
+    for (name, devices) in [("two", "cpu,cpu"), ("three", "cpu,cpu,cpu")] {
+        let out = dir.join(name);
+        let o = run(&args(&out, &["--devices", devices], &[]));
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert_same_run(&one, &out);
+    }
+}
+
+#[test]
+fn nf4_base_and_packing_train_exactly_as_one_device() {
+    let dir = scratch("parallel-nf4");
+    // Two examples per micro-batch, packed into one row.
+    let extra = ["--quant", "nf4", "--packing", "true", "--max-len", "1000"];
+    let with_pairs = |mut a: Vec<String>| {
+        let i = a.iter().position(|x| x == "--micro-batch").unwrap();
+        a[i + 1] = "2".into();
+        a
+    };
+    let one = dir.join("one");
+    let o = run(&with_pairs(args(&one, &["--device", "cpu"], &extra)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let two = dir.join("two");
+    let o = run(&with_pairs(args(&two, &["--devices", "cpu,cpu"], &extra)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_run(&one, &two);
+}
+
+/// Runs `args` with a fault injected into one worker; returns its last stderr line and how long
+/// the run took.
+fn run_with_fault(args: &[String], fault: &str) -> (String, Duration) {
+    let t = Instant::now();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_phitune"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("PHITUNE_TEST_FAULT", fault)
+        .output()
+        .expect("run phitune");
+    let elapsed = t.elapsed();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{fault}: the run did not fail: {err}");
+    assert_ne!(o.status.code(), Some(101), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: "), "{err}");
+    (last, elapsed)
+}
+
+#[test]
+fn a_hung_rank_stops_the_run_in_bounded_time_and_resume_finishes_it() {
+    let dir = scratch("parallel-hang");
+    let one = dir.join("one");
+    let o = run(&args(&one, &["--device", "cpu"], &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Rank 1 goes silent at the all-reduce of step 3 (after the step-2 checkpoint).
+    let two = dir.join("two");
+    let a = args(&two, &["--devices", "cpu,cpu", "--peer-timeout", "2"], &[]);
+    let (line, took) = run_with_fault(&a, "hang:1:3");
+    let ckpt = two.join("checkpoints").join("step-00000002");
+    for want in [
+        "step 3",
+        "timed out after 2 s",
+        "rank 1 did not arrive",
+        &format!("the last good checkpoint is {}", ckpt.display()),
+    ] {
+        assert!(line.contains(want), "{want:?} not in: {line}");
+    }
+    // Bounded: the 2 s timeout plus the steps before it, far from an endless wait.
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+
+    let o = phitune(&[
+        "train",
+        "--out",
+        two.to_str().unwrap(),
+        "--resume",
+        "--devices",
+        "cpu,cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_run(&one, &two);
+}
+
+#[test]
+fn a_crashed_rank_stops_the_run_at_once() {
+    let dir = scratch("parallel-crash");
+    let out = dir.join("three");
+    // A crashed rank is noticed without waiting for the (long) timeout.
+    let a = args(
+        &out,
+        &["--devices", "cpu,cpu,cpu", "--peer-timeout", "600"],
+        &[],
+    );
+    let (line, took) = run_with_fault(&a, "exit:2:1");
+    for want in [
+        "step 1",
+        "rank 2 did not arrive",
+        "it stopped",
+        "there is no checkpoint yet",
+    ] {
+        assert!(line.contains(want), "{want:?} not in: {line}");
+    }
+    assert!(took < Duration::from_secs(300), "took {took:?}");
+}
+
+#[test]
+fn bad_device_settings_are_refused() {
+    let dir = scratch("parallel-bad");
+    let out = dir.join("run");
+    let cases: [(&[&str], &[&str], &str); 4] = [
+        (
+            &["--devices", "cpu,wgpu"],
+            &[],
+            "--devices mixes cpu and wgpu",
+        ),
+        (
+            &["--devices", "cpu,cpu", "--device", "cpu"],
+            &[],
+            "cannot be used with",
+        ),
+        (
+            &["--devices", "cpu,cpu,cpu"],
+            &["--grad-accum", "2"],
+            "grad_accum must be at least 3",
+        ),
+        (
+            &["--devices", "cpu,cpu", "--peer-timeout", "0"],
+            &[],
+            "--peer-timeout must be at least 1",
+        ),
+    ];
+    for (placement, extra, want) in cases {
+        let mut a = args(&out, placement, &[]);
+        if let [flag, value] = extra {
+            let i = a.iter().position(|x| x == flag).unwrap();
+            a[i + 1] = value.to_string();
+        }
+        assert_one_line_error(&run(&a), want);
+        assert!(!out.exists(), "{want}: created {}", out.display());
+    }
+}
