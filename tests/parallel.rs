@@ -123,7 +123,29 @@ fn cpu_ranks_train_exactly_as_one_device() {
         let o = run(&args(&out, &["--devices", devices], &[]));
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         assert_same_run(&one, &out);
+        // The run reports what synchronising cost: one all-reduce per optimizer step of every
+        // trainable value.
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        let sync = &summary["sync"];
+        assert_eq!(sync["steps"], 6, "{name}: {sync}");
+        assert_eq!(
+            sync["values"], summary["trainable_params"],
+            "{name}: {sync}"
+        );
+        assert!(
+            sync["all_reduce_s"].as_f64().unwrap() > 0.0,
+            "{name}: {sync}"
+        );
+        assert!(
+            stderr(&o).contains("synchronising the ranks:"),
+            "{name}: {}",
+            stderr(&o)
+        );
     }
+    let single: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one.join("summary.json")).unwrap()).unwrap();
+    assert!(single.get("sync").is_none(), "{single}");
 }
 
 #[test]

@@ -41,8 +41,36 @@ enum Work<AB: AutodiffBackend> {
     Params(Tensor<Inner<AB>, 1>),
 }
 
-/// What a worker reports after each all-reduce: its micro-batches' stats.
-type Report = std::result::Result<Vec<LmStats>, String>;
+/// What a worker reports after each all-reduce: its micro-batches' stats and how long its
+/// all-reduce call took.
+type Report = std::result::Result<(Vec<LmStats>, f64), String>;
+
+/// What synchronising the ranks cost, summed over the run's optimizer steps.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct SyncCost {
+    pub steps: usize,
+    /// Values in the all-reduced tensor (every trainable parameter, f32).
+    pub values: usize,
+    /// The all-reduce itself: per step, the shortest call among the ranks (the last rank to
+    /// arrive waits for no one, so its call is the reduction's own cost).
+    pub all_reduce_s: f64,
+    /// Rank 0 flattening the gradients, splitting the sum and sending the updated values.
+    pub copy_s: f64,
+}
+
+impl SyncCost {
+    /// One line for the end of a run.
+    pub fn describe(&self) -> String {
+        let n = self.steps.max(1) as f64;
+        format!(
+            "synchronising the ranks: {:.1} ms per optimizer step in the all-reduce of {:.1} MB, {:.1} ms copying (mean over {} steps)",
+            1e3 * self.all_reduce_s / n,
+            self.values as f64 * 4.0 / 1e6,
+            1e3 * self.copy_s / n,
+            self.steps
+        )
+    }
+}
 
 struct Worker<AB: AutodiffBackend> {
     work: Sender<Work<AB>>,
@@ -59,6 +87,7 @@ pub struct Peers<AB: AutodiffBackend> {
     timeout: Duration,
     /// All-reduces rank 0 has entered.
     reduces: usize,
+    pub cost: SyncCost,
 }
 
 fn config(ranks: usize) -> CollectiveConfig {
@@ -102,6 +131,7 @@ where
             devices,
             timeout,
             reduces: 0,
+            cost: SyncCost::default(),
         };
         let device = peers.devices[0].clone();
         peers.bounded("registering with the other ranks", move || {
@@ -141,36 +171,55 @@ where
                 .send(Work::Reduce)
                 .map_err(|_| anyhow!("rank {} has stopped", i + 1))?;
         }
+        let t = Instant::now();
         let flat = flatten_grads(model, grads.unwrap_or_default());
+        let values = flat.dims()[0];
+        let mut copy = t.elapsed().as_secs_f64();
         self.reduces += 1;
-        let summed = self.bounded("the gradient all-reduce", move || {
+        let (summed, mut shortest) = self.bounded("the gradient all-reduce", move || {
+            let t = Instant::now();
             collective::all_reduce::<Inner<AB>>(
                 PeerId::from(0u32),
                 flat.into_primitive().tensor(),
                 ReduceOperation::Sum,
             )
-            .map(|t| Tensor::<Inner<AB>, 1>::from_primitive(TensorPrimitive::Float(t)))
+            .map(|s| {
+                let s = Tensor::<Inner<AB>, 1>::from_primitive(TensorPrimitive::Float(s));
+                (s, t.elapsed().as_secs_f64())
+            })
             .map_err(|e| format!("{e:?}"))
         })?;
         let mut stats = Vec::new();
         for (i, w) in self.workers.iter().enumerate() {
             match w.report.recv_timeout(self.timeout) {
-                Ok(Ok(s)) => stats.extend(s),
+                Ok(Ok((s, secs))) => {
+                    stats.extend(s);
+                    shortest = shortest.min(secs);
+                }
                 Ok(Err(e)) => bail!("rank {}: {e}", i + 1),
                 Err(_) => bail!("rank {} did not report within {:?}", i + 1, self.timeout),
             }
         }
-        Ok((unflatten_grads(model, summed), stats))
+        let t = Instant::now();
+        let grads = unflatten_grads(model, summed);
+        copy += t.elapsed().as_secs_f64();
+        self.cost.steps += 1;
+        self.cost.values = values;
+        self.cost.all_reduce_s += shortest;
+        self.cost.copy_s += copy;
+        Ok((grads, stats))
     }
 
     /// Sends the updated trainable values to every worker.
-    pub fn update(&self, model: &CausalLm<AB>) -> Result<()> {
+    pub fn update(&mut self, model: &CausalLm<AB>) -> Result<()> {
+        let t = Instant::now();
         let values = flatten_values(model);
         for (i, w) in self.workers.iter().enumerate() {
             w.work
                 .send(Work::Params(values.clone().to_device(&self.devices[i + 1])))
                 .map_err(|_| anyhow!("rank {} has stopped", i + 1))?;
         }
+        self.cost.copy_s += t.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -327,13 +376,15 @@ fn worker<AB>(
                 let grads = any.then(|| acc.grads());
                 any = false;
                 let flat = flatten_grads(&model, grads.unwrap_or_default());
+                let t = Instant::now();
                 let r = collective::all_reduce::<Inner<AB>>(
                     peer,
                     flat.into_primitive().tensor(),
                     ReduceOperation::Sum,
                 );
+                let secs = t.elapsed().as_secs_f64();
                 let msg = match r {
-                    Ok(_) => Ok(std::mem::take(&mut stats)),
+                    Ok(_) => Ok((std::mem::take(&mut stats), secs)),
                     Err(e) => Err(format!("all-reduce: {e:?}")),
                 };
                 let failed = msg.is_err();

@@ -88,6 +88,9 @@ pub struct Summary {
     pub seconds: f64,
     pub adapter: PathBuf,
     pub last_checkpoint: Option<PathBuf>,
+    /// `--devices`: what synchronising the ranks cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::parallel::SyncCost>,
 }
 
 pub fn prepare(req: Request) -> Result<Prepared> {
@@ -586,6 +589,7 @@ fn finish<B: Nf4Backend>(
         seconds: records.last().map_or(0.0, |r| r.elapsed),
         adapter: p.out.clone(),
         last_checkpoint: outcome.last_checkpoint.clone(),
+        sync: outcome.sync,
     };
     checkpoint::write_synced(
         &p.out.join("summary.json"),

@@ -27,7 +27,7 @@ use crate::clip::clip_global_norm;
 use crate::config::TrainConfig;
 use crate::lm::{CausalLm, LmStats};
 use crate::metrics::{MetricsLog, Record};
-use crate::parallel::Peers;
+use crate::parallel::{Peers, SyncCost};
 use crate::schedule::WarmupCosine;
 use burn::tensor::backend::{Device as _, DeviceId};
 
@@ -56,6 +56,8 @@ pub struct Outcome {
     pub steps_done: usize,
     pub last_checkpoint: Option<PathBuf>,
     pub last_valid: Option<LmStats>,
+    /// What synchronising the ranks cost (`--devices`).
+    pub sync: Option<SyncCost>,
 }
 
 pub struct StepLoop {
@@ -199,6 +201,7 @@ impl StepLoop {
         steps_done: usize,
         last_checkpoint: Option<PathBuf>,
         last_valid: Option<LmStats>,
+        sync: Option<SyncCost>,
     ) {
         if let Ok(mut o) = self.outcome.lock() {
             *o = Some(Outcome {
@@ -206,6 +209,7 @@ impl StepLoop {
                 steps_done,
                 last_checkpoint,
                 last_valid,
+                sync,
             });
         }
     }
@@ -251,7 +255,7 @@ where
             Ok(p) => p,
             Err(e) => {
                 let stop = Stop::Failed(format!("{e:#}"));
-                self.finish(stop, step, last_checkpoint, last_valid);
+                self.finish(stop, step, last_checkpoint, last_valid, None);
                 return (learner.model(), processor);
             }
         };
@@ -340,7 +344,7 @@ where
                 };
             }
             learner.optimizer_step(grads);
-            if let Some(p) = &peers
+            if let Some(p) = &mut peers
                 && let Err(e) = p.update(&learner.model())
             {
                 break Stop::Failed(format!("step {}: {e:#}", step + 1));
@@ -440,7 +444,13 @@ where
                 );
             }
         };
-        self.finish(stop, step, last_checkpoint, last_valid);
+        let sync = peers.as_ref().map(|p| p.cost);
+        if let Some(c) = &sync
+            && c.steps > 0
+        {
+            eprintln!("{}", c.describe());
+        }
+        self.finish(stop, step, last_checkpoint, last_valid, sync);
         (learner.model(), processor)
     }
 }
