@@ -23,6 +23,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base model and write an HF-format checkpoint.
     Merge(MergeArgs),
+    /// Merge an adapter into its base and write one GGUF file (llama.cpp, Ollama) with an
+    /// Ollama Modelfile beside it (--format gguf), or an HF checkpoint (--format hf, as merge).
+    Export(ExportArgs),
     /// Inspect a data source: rows, split, a rendered example with its loss mask, lengths.
     Data(DataArgs),
     /// Measure speed on a model with a given configuration and random weights (JSON).
@@ -364,6 +367,60 @@ pub struct MergeArgs {
     /// output is float weights.
     #[command(flatten)]
     pub quant: QuantArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One GGUF file for llama.cpp / Ollama / LM Studio, and an Ollama Modelfile beside it.
+    Gguf,
+    /// An HF checkpoint directory (what `merge` writes).
+    Hf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Base model directory or hub id.
+    #[arg(long, default_value = "microsoft/phi-2")]
+    pub model: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The PEFT adapter directory to merge in (without it, the base alone is exported).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Merge into the NF4-dequantized base (what a QLoRA adapter was trained against)
+    /// [default: the adapter's training run's base quantization].
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    #[arg(long, value_enum, default_value = "gguf")]
+    pub format: ExportFormat,
+    /// Tensor type of the matrices: for GGUF f16 by default (norms and biases stay f32); for
+    /// --format hf f32, f16 or bf16 (default: the base checkpoint's).
+    #[arg(long = "type", value_enum)]
+    pub ty: Option<GgufType>,
+    /// The .gguf file (--format gguf) or the checkpoint directory (--format hf) to write.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Replace --out (and the Modelfile beside it) if they exist.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// general.name in the GGUF file [default: the file's name without .gguf].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The Modelfile's SYSTEM (the persona the model answers as); template and context follow
+    /// the adapter's training run.
+    #[command(flatten)]
+    pub persona: PersonaArgs,
 }
 
 #[derive(Args, Debug)]

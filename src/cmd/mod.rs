@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod data;
 mod eval;
+mod export;
 mod generate;
 mod merge;
 mod score;
@@ -21,6 +22,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => export::run(args),
         Command::Data(args) => data::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),

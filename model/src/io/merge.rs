@@ -44,26 +44,8 @@ pub fn merge(
     quant: Option<crate::phi::Quantization>,
     overwrite: bool,
 ) -> Result<MergeReport> {
-    let config = ckpt.config();
-    let tensors = config.expected_tensors();
-    for (module, w) in &adapter.modules {
-        let name = format!("{module}.weight");
-        let shape = tensors
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, s)| s.clone())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "the adapter targets {module}, which the base model does not have"
-                ))
-            })?;
-        if shape != [w.d_out, w.d_in] {
-            return Err(Error::Invalid(format!(
-                "the adapter's {module} is [{}, {}] but the base weight is {shape:?}",
-                w.d_out, w.d_in
-            )));
-        }
-    }
+    let tensors = ckpt.config().expected_tensors();
+    check_adapter(ckpt.config(), adapter)?;
     let tmp = crate::io::prepare_output_dir(out, overwrite)?;
     let result = (|| {
         // Plan shards by bytes, keeping the checkpoint's tensor order.
@@ -100,33 +82,15 @@ pub fn merge(
         for (i, entries) in shards.iter().enumerate() {
             let mut w = StreamWriter::create(&tmp.join(file_name(i)), entries, &meta)?;
             for (name, dtype, _) in entries {
-                let module = name.strip_suffix(".weight");
-                let lora = module.and_then(|m| adapter.modules.get(m));
-                // With --quant nf4 every decoder-layer Linear weight becomes its dequantized NF4
-                // value, adapted or not: that is the model the adapter was trained with.
-                let quantized =
-                    quant.filter(|_| module.is_some_and(crate::io::adapter::is_adaptable_path));
-                let bytes = if lora.is_none() && quantized.is_none() {
+                let touched = changes(name, Some(adapter), quant);
+                let bytes = if !touched {
                     match ckpt.info(name) {
                         Some((_, i)) if i.dtype == *dtype => ckpt.read_raw(name)?,
                         _ => f32_to_bytes(&ckpt.read_f32(name)?.0, *dtype),
                     }
                 } else {
-                    let (mut values, shape) = ckpt.read_f32(name)?;
-                    if let Some(q) = quantized {
-                        let host = crate::ops::Nf4Host::quantize(
-                            &values,
-                            [shape[0], shape[1]],
-                            q.double_quant,
-                        );
-                        values = host.dequantize();
-                    }
-                    if let Some(lora) = lora {
-                        for (v, d) in values.iter_mut().zip(lora.delta()) {
-                            *v += d;
-                        }
-                        merged += 1;
-                    }
+                    let (values, lora) = merged_f32(ckpt, Some(adapter), quant, name)?;
+                    merged += usize::from(lora);
                     f32_to_bytes(&values, *dtype)
                 };
                 w.write_tensor(name, &bytes)?;
@@ -156,4 +120,64 @@ pub fn merge(
         })
     })();
     crate::io::finish_output_dir(&tmp, out, result)
+}
+
+/// Every module `adapter` adapts exists in `config` with the adapter's shape.
+pub fn check_adapter(config: &crate::config::PhiConfig, adapter: &Adapter) -> Result<()> {
+    let tensors = config.expected_tensors();
+    for (module, w) in &adapter.modules {
+        let name = format!("{module}.weight");
+        let shape = tensors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the adapter targets {module}, which the base model does not have"
+                ))
+            })?;
+        if shape != [w.d_out, w.d_in] {
+            return Err(Error::Invalid(format!(
+                "the adapter's {module} is [{}, {}] but the base weight is {shape:?}",
+                w.d_out, w.d_in
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the merged value of tensor `name` differs from the stored one: it is adapted, or
+/// (with `quant`) a decoder-layer Linear weight that becomes its dequantized NF4 value.
+pub fn changes(
+    name: &str,
+    adapter: Option<&Adapter>,
+    quant: Option<crate::phi::Quantization>,
+) -> bool {
+    let module = name.strip_suffix(".weight");
+    let adapted = module.is_some_and(|m| adapter.is_some_and(|a| a.modules.contains_key(m)));
+    adapted || (quant.is_some() && module.is_some_and(crate::io::adapter::is_adaptable_path))
+}
+
+/// Tensor `name` of the merged model as f32, and whether an adapter delta was added: with
+/// `quant`, every decoder-layer Linear weight is its dequantized NF4 value, adapted or not (the
+/// model the adapter was trained with); then `W + scaling * B @ A` where the adapter has `name`.
+pub fn merged_f32(
+    ckpt: &Checkpoint,
+    adapter: Option<&Adapter>,
+    quant: Option<crate::phi::Quantization>,
+    name: &str,
+) -> Result<(Vec<f32>, bool)> {
+    let (mut values, shape) = ckpt.read_f32(name)?;
+    let module = name.strip_suffix(".weight");
+    if let Some(q) = quant.filter(|_| module.is_some_and(crate::io::adapter::is_adaptable_path)) {
+        let host = crate::ops::Nf4Host::quantize(&values, [shape[0], shape[1]], q.double_quant);
+        values = host.dequantize();
+    }
+    let lora = module.and_then(|m| adapter.and_then(|a| a.modules.get(m)));
+    if let Some(lora) = lora {
+        for (v, d) in values.iter_mut().zip(lora.delta()) {
+            *v += d;
+        }
+    }
+    Ok((values, lora.is_some()))
 }

@@ -1,6 +1,7 @@
 //! Dense products against a frozen `W [n, k]` (row-major, PyTorch's `[out, in]`): the `gemm`
 //! crate's sgemm (multi-threaded; AVX-512 kernels where the CPU has them, chosen at run time),
-//! and dot products ([`super::simd::dot_rows`]) for a handful of rows (decoding).
+//! or, built with `--features openblas`, the system's OpenBLAS; and dot products
+//! ([`super::simd::dot_rows`]) for a handful of rows (decoding).
 
 use rayon::prelude::*;
 
@@ -23,6 +24,10 @@ pub(super) fn sgemm(
     assert!(
         rsb > 0 && csb > 0 && b.len() as isize > (k as isize - 1) * rsb + (n as isize - 1) * csb
     );
+    #[cfg(feature = "openblas")]
+    if openblas::sgemm(m, k, n, a, b, rsb, csb, c, rsc, beta) {
+        return;
+    }
     // SAFETY: gemm reads a as [m, k] row-major (row stride k, column stride 1), b as [k, n] with
     // the given (positive) strides and writes c as [m, n] with row stride rsc and column stride
     // 1; the assertions above bound the last element of each, so every access is inside the
@@ -79,4 +84,168 @@ pub(super) fn frozen_matmul_t(dys: &[f32], ws: &[f32], m: usize, n: usize, k: us
     let mut out = vec![0f32; m * k];
     sgemm(m, n, k, dys, ws, k as isize, 1, &mut out, k as isize, 0.0);
     out
+}
+
+/// The system's OpenBLAS (`--features openblas`; never in the default build).
+#[cfg(feature = "openblas")]
+mod openblas {
+    use std::ffi::c_int;
+    use std::sync::Once;
+
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+
+    #[link(name = "openblas")]
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        fn cblas_sgemm(
+            layout: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        fn openblas_set_num_threads(n: c_int);
+    }
+
+    /// `c[m, n] = a[m, k] @ b + beta c` when `b`'s layout is one BLAS takes (row-major, or the
+    /// transpose of a row-major matrix) and the sizes fit its integers; false otherwise (the
+    /// caller then uses the `gemm` crate). OpenBLAS runs as many threads as rayon's pool.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sgemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        b: &[f32],
+        rsb: isize,
+        csb: isize,
+        c: &mut [f32],
+        rsc: isize,
+        beta: f32,
+    ) -> bool {
+        let (trans_b, ldb) = match (rsb, csb) {
+            (r, 1) if r >= n as isize => (NO_TRANS, r),
+            (1, cs) if cs >= k as isize => (TRANS, cs),
+            _ => return false,
+        };
+        let fits = |v: usize| v <= c_int::MAX as usize;
+        if ![m, n, k, ldb as usize, rsc as usize].into_iter().all(fits) || rsc < n as isize {
+            return false;
+        }
+        static THREADS: Once = Once::new();
+        // SAFETY: sets OpenBLAS's thread count once, before its first product.
+        #[allow(unsafe_code)]
+        THREADS.call_once(|| unsafe {
+            let n = std::env::var("PHITUNE_BLAS_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(rayon::current_num_threads());
+            openblas_set_num_threads(n as c_int)
+        });
+        // SAFETY: a is [m, k] row-major (lda = k), b is [k, n] row-major with row stride ldb
+        // (or its transpose, [n, k] with row stride ldb), c is [m, n] with row stride rsc >= n;
+        // the caller's assertions bound every last element inside the slices.
+        #[allow(unsafe_code)]
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                trans_b,
+                m as c_int,
+                n as c_int,
+                k as c_int,
+                1.0,
+                a.as_ptr(),
+                k as c_int,
+                b.as_ptr(),
+                ldb as c_int,
+                beta,
+                c.as_mut_ptr(),
+                rsc as c_int,
+            );
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// `x [m, k] @ W^T` and `dy [m, n] @ W` against f64 sums, for sizes that are no multiple of
+    /// any kernel's tile (and, with `--features openblas`, through OpenBLAS).
+    #[test]
+    fn frozen_products_equal_f64_sums() {
+        for (m, n, k) in [(3, 5, 7), (37, 130, 67), (128, 96, 640)] {
+            let (x, w, dy) = (values(m * k, 1), values(n * k, 2), values(m * n, 3));
+            let y = frozen_matmul(&x, &w, m, n, k);
+            let dx = frozen_matmul_t(&dy, &w, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    let e: f64 = (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "y[{i},{j}] {got} vs {e}"
+                    );
+                }
+                for t in 0..k {
+                    let e: f64 = (0..n)
+                        .map(|j| dy[i * n + j] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    let got = dx[i * k + t] as f64;
+                    assert!(
+                        (got - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "dx[{i},{t}] {got} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `beta = 1` accumulates into a strided destination (the NF4 tiles' backward).
+    #[test]
+    fn sgemm_accumulates_into_a_strided_destination() {
+        let (m, k, n, rsc) = (9, 11, 6, 10);
+        let (a, b) = (values(m * k, 4), values(k * n, 5));
+        let mut c = values(m * rsc, 6);
+        let before = c.clone();
+        sgemm(m, k, n, &a, &b, n as isize, 1, &mut c, rsc as isize, 1.0);
+        for i in 0..m {
+            for j in 0..rsc {
+                let e = if j < n {
+                    before[i * rsc + j] as f64
+                        + (0..k)
+                            .map(|t| a[i * k + t] as f64 * b[t * n + j] as f64)
+                            .sum::<f64>()
+                } else {
+                    before[i * rsc + j] as f64
+                };
+                let got = c[i * rsc + j] as f64;
+                assert!(
+                    (got - e).abs() < 1e-5 * (1.0 + e.abs()),
+                    "c[{i},{j}] {got} vs {e}"
+                );
+            }
+        }
+    }
 }

@@ -1,0 +1,211 @@
+//! `export`: a base model with its adapter merged in, as one GGUF file for llama.cpp / Ollama
+//! (and an Ollama Modelfile rendering the training template), or as an HF checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use phitune_data::Template;
+use phitune_model::Checkpoint;
+use phitune_model::io::adapter::Adapter;
+use phitune_model::io::gguf::GgmlType;
+
+use crate::cli::{ExportArgs, ExportFormat, GgufType, MergeArgs, ModelArgs};
+
+pub fn run(args: ExportArgs) -> Result<()> {
+    if args.format == ExportFormat::Hf {
+        let Some(adapter) = args.adapter.clone() else {
+            bail!("--format hf needs --adapter (the base alone is already an HF checkpoint)");
+        };
+        use crate::backend::Dtype;
+        let dtype = match args.ty {
+            None => None,
+            Some(GgufType::F32) => Some(Dtype::F32),
+            Some(GgufType::F16) => Some(Dtype::F16),
+            Some(GgufType::Bf16) => Some(Dtype::Bf16),
+            Some(t) => bail!(
+                "--type {}: an HF checkpoint holds f32, f16 or bf16 weights (q8_0 and q4_0 are GGUF types)",
+                ty_name(t)
+            ),
+        };
+        let model = model_args(&args);
+        let run = super::adapter_run(&model);
+        let quant = super::with_run_quant(&model, run.as_ref()).quant;
+        return super::merge::run(MergeArgs {
+            model: args.model,
+            revision: args.revision,
+            adapter,
+            out: args.out,
+            overwrite: args.overwrite,
+            max_shard_mb: 5000,
+            dtype,
+            quant,
+        });
+    }
+    let ty = GgmlType::from_name(ty_name(args.ty.unwrap_or(GgufType::F16)))?;
+    if args.out.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        bail!(
+            "--out {}: name the file to write, ending in .gguf",
+            args.out.display()
+        );
+    }
+    let modelfile = args.out.with_file_name("Modelfile");
+    if modelfile.exists() && !args.overwrite {
+        bail!(
+            "{} exists; pass --overwrite to replace it (and {})",
+            modelfile.display(),
+            args.out.display()
+        );
+    }
+    let model = model_args(&args);
+    let run = super::adapter_run(&model);
+    let model = super::with_run_quant(&model, run.as_ref());
+    let quant = model.quant.quantization();
+    let adapter = args.adapter.as_deref().map(Adapter::read).transpose()?;
+    let dir = phitune_model::io::hub::resolve_model(&args.model, args.revision.as_deref())?;
+    let ckpt = Checkpoint::open(&dir)?;
+    if let Some(a) = &adapter {
+        a.check_compatible(ckpt.config())
+            .with_context(|| format!("adapter {}", args.adapter.as_ref().unwrap().display()))?;
+    }
+    let tokenizer = phitune_model::PhiTokenizer::from_dir(&dir, ckpt.config())?;
+    let prompt = args.persona.resolve(run.as_ref())?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "phi2".into())
+    });
+    if quant.is_some() && adapter.is_some() {
+        eprintln!("merging into the NF4-dequantized base weights (the adapter's training base)");
+    }
+    let report = phitune_model::io::export::export_gguf(
+        &ckpt,
+        adapter.as_ref(),
+        quant,
+        ty,
+        &name,
+        &args.out,
+        args.overwrite,
+    )?;
+    let eos = tokenizer
+        .inner()
+        .id_to_token(tokenizer.eos_token_ids[0])
+        .context("the eos token has no text in tokenizer.json")?;
+    let text = modelfile_text(
+        &args.out,
+        prompt.template,
+        &prompt.persona,
+        &eos,
+        prompt.max_len,
+    );
+    phitune_model::io::atomic_write(&modelfile, |w| {
+        use std::io::Write;
+        w.write_all(text.as_bytes())
+    })?;
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} MB, {}{}{}) and {}",
+        args.out.display(),
+        report.tensors,
+        report.bytes as f64 / 1e6,
+        ty.name(),
+        if report.merged_modules > 0 {
+            format!(", {} LoRA modules merged", report.merged_modules)
+        } else {
+            String::new()
+        },
+        if report.fell_back.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} matrices in f16, their rows being no whole number of 32-value blocks",
+                report.fell_back.len()
+            )
+        },
+        modelfile.display()
+    );
+    let dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    eprintln!(
+        "run it with: ollama create {name} -f {} && ollama run {name}",
+        dir.join("Modelfile").display()
+    );
+    Ok(())
+}
+
+fn model_args(args: &ExportArgs) -> ModelArgs {
+    ModelArgs {
+        model: args.model.clone(),
+        revision: args.revision.clone(),
+        adapter: args.adapter.clone(),
+        quant: args.quant.clone(),
+        device: crate::cli::DeviceArgs {
+            device: None,
+            dtype: None,
+        },
+    }
+}
+
+fn ty_name(t: GgufType) -> &'static str {
+    match t {
+        GgufType::F32 => "f32",
+        GgufType::F16 => "f16",
+        GgufType::Bf16 => "bf16",
+        GgufType::Q8_0 => "q8_0",
+        GgufType::Q4_0 => "q4_0",
+    }
+}
+
+/// An Ollama Modelfile for `gguf`: its `TEMPLATE` (Go template syntax) renders exactly the
+/// training prompt of `template`, with the persona as the system message (`SYSTEM`, or
+/// `/set system` in `ollama run`) and the dialogue so far as the other messages; the model's
+/// reply then follows as it did in training, up to the eos.
+pub fn modelfile_text(
+    gguf: &Path,
+    template: Template,
+    persona: &[String],
+    eos: &str,
+    max_len: usize,
+) -> String {
+    let from = PathBuf::from(".").join(gguf.file_name().unwrap_or_default());
+    // Persona facts joined by spaces, the dialogue's turns by newlines (persona template) or
+    // spaces (seed template), as `Template::prompt_text` joins them.
+    let turns = match template {
+        Template::Persona => {
+            "{{ range .Messages }}{{ if ne .Role \"system\" }}{{ .Content }}\n{{ end }}{{ end }}"
+        }
+        Template::Seed => {
+            "{{ $first := true }}{{ range .Messages }}{{ if ne .Role \"system\" }}{{ if not $first }} {{ end }}{{ .Content }}{{ $first = false }}{{ end }}{{ end }}"
+        }
+    };
+    let body = match template {
+        Template::Persona => format!(
+            "Instruct: Given this persona: {{{{ .System }}}}\nand this dialogue:\n{turns}generate a response.\nOutput:"
+        ),
+        Template::Seed => format!(
+            "Instruct: Given this persona: {{{{ .System }}}}\nand this dialogue: {turns}\ngenerate a response.\nOutput:"
+        ),
+    };
+    let mut s = format!(
+        "# Written by `phitune export`. Create the model with: ollama create NAME -f Modelfile\n\
+         FROM {}\n\
+         TEMPLATE \"\"\"{body}\"\"\"\n",
+        from.display()
+    );
+    if !persona.is_empty() {
+        s += &format!("SYSTEM \"\"\"{}\"\"\"\n", persona.join(" "));
+    }
+    // `chat`'s defaults.
+    s += &format!(
+        "PARAMETER stop \"{}\"\n\
+         PARAMETER temperature 0.7\n\
+         PARAMETER top_p 0.9\n\
+         PARAMETER repeat_penalty 1.1\n\
+         PARAMETER num_predict 64\n\
+         PARAMETER num_ctx {max_len}\n",
+        eos.replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    s
+}
