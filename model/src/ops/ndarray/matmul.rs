@@ -1,7 +1,6 @@
 //! Dense products against a frozen `W [n, k]` (row-major, PyTorch's `[out, in]`): the `gemm`
 //! crate's sgemm (multi-threaded; AVX-512 kernels where the CPU has them, chosen at run time),
-//! or, built with `--features openblas`, the system's OpenBLAS; and dot products
-//! ([`super::simd::dot_rows`]) for a handful of rows (decoding).
+//! and dot products ([`super::simd::dot_rows`]) for a handful of rows (decoding).
 
 use rayon::prelude::*;
 
@@ -24,10 +23,6 @@ pub(super) fn sgemm(
     assert!(
         rsb > 0 && csb > 0 && b.len() as isize > (k as isize - 1) * rsb + (n as isize - 1) * csb
     );
-    #[cfg(feature = "openblas")]
-    if openblas::sgemm(m, k, n, a, b, rsb, csb, c, rsc, beta) {
-        return;
-    }
     // SAFETY: gemm reads a as [m, k] row-major (row stride k, column stride 1), b as [k, n] with
     // the given (positive) strides and writes c as [m, n] with row stride rsc and column stride
     // 1; the assertions above bound the last element of each, so every access is inside the
@@ -86,99 +81,6 @@ pub(super) fn frozen_matmul_t(dys: &[f32], ws: &[f32], m: usize, n: usize, k: us
     out
 }
 
-/// The system's OpenBLAS (`--features openblas`; never in the default build).
-#[cfg(feature = "openblas")]
-mod openblas {
-    use std::ffi::c_int;
-    use std::sync::Once;
-
-    const ROW_MAJOR: c_int = 101;
-    const NO_TRANS: c_int = 111;
-    const TRANS: c_int = 112;
-
-    #[link(name = "openblas")]
-    #[allow(unsafe_code)]
-    unsafe extern "C" {
-        fn cblas_sgemm(
-            layout: c_int,
-            trans_a: c_int,
-            trans_b: c_int,
-            m: c_int,
-            n: c_int,
-            k: c_int,
-            alpha: f32,
-            a: *const f32,
-            lda: c_int,
-            b: *const f32,
-            ldb: c_int,
-            beta: f32,
-            c: *mut f32,
-            ldc: c_int,
-        );
-        fn openblas_set_num_threads(n: c_int);
-    }
-
-    /// `c[m, n] = a[m, k] @ b + beta c` when `b`'s layout is one BLAS takes (row-major, or the
-    /// transpose of a row-major matrix) and the sizes fit its integers; false otherwise (the
-    /// caller then uses the `gemm` crate). OpenBLAS runs as many threads as rayon's pool.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn sgemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f32],
-        b: &[f32],
-        rsb: isize,
-        csb: isize,
-        c: &mut [f32],
-        rsc: isize,
-        beta: f32,
-    ) -> bool {
-        let (trans_b, ldb) = match (rsb, csb) {
-            (r, 1) if r >= n as isize => (NO_TRANS, r),
-            (1, cs) if cs >= k as isize => (TRANS, cs),
-            _ => return false,
-        };
-        let fits = |v: usize| v <= c_int::MAX as usize;
-        if ![m, n, k, ldb as usize, rsc as usize].into_iter().all(fits) || rsc < n as isize {
-            return false;
-        }
-        static THREADS: Once = Once::new();
-        // SAFETY: sets OpenBLAS's thread count once, before its first product.
-        #[allow(unsafe_code)]
-        THREADS.call_once(|| unsafe {
-            let n = std::env::var("PHITUNE_BLAS_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(rayon::current_num_threads());
-            openblas_set_num_threads(n as c_int)
-        });
-        // SAFETY: a is [m, k] row-major (lda = k), b is [k, n] row-major with row stride ldb
-        // (or its transpose, [n, k] with row stride ldb), c is [m, n] with row stride rsc >= n;
-        // the caller's assertions bound every last element inside the slices.
-        #[allow(unsafe_code)]
-        unsafe {
-            cblas_sgemm(
-                ROW_MAJOR,
-                NO_TRANS,
-                trans_b,
-                m as c_int,
-                n as c_int,
-                k as c_int,
-                1.0,
-                a.as_ptr(),
-                k as c_int,
-                b.as_ptr(),
-                ldb as c_int,
-                beta,
-                c.as_mut_ptr(),
-                rsc as c_int,
-            );
-        }
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +92,7 @@ mod tests {
     }
 
     /// `x [m, k] @ W^T` and `dy [m, n] @ W` against f64 sums, for sizes that are no multiple of
-    /// any kernel's tile (and, with `--features openblas`, through OpenBLAS).
+    /// any kernel's tile.
     #[test]
     fn frozen_products_equal_f64_sums() {
         for (m, n, k) in [(3, 5, 7), (37, 130, 67), (128, 96, 640)] {
