@@ -248,8 +248,9 @@ where
                 .any(|w| w.handle.as_ref().is_none_or(JoinHandle::is_finished));
             let late = start.elapsed() >= self.timeout;
             if dead || late {
-                collective::reset_collective::<Inner<AB>>();
+                // Named before the reset, which makes the ranks that did arrive fail too.
                 let missing = self.missing().map_or(String::new(), |m| format!(": {m}"));
+                collective::reset_collective::<Inner<AB>>();
                 if dead {
                     bail!("{what} stopped{missing}");
                 }
@@ -261,13 +262,28 @@ where
         }
     }
 
-    /// The first worker that has not entered the current all-reduce (or has stopped), with
-    /// what it said if it stopped on an error.
+    /// The worker to blame, with what it said if it stopped on an error: the first that
+    /// stopped before entering the current all-reduce, else the first not in it yet (hung or
+    /// slow), else the first that stopped. (A rank that did arrive can stop too, on the error
+    /// its all-reduce returns once a peer is gone; a live rank can be late behind a dead one.)
     fn missing(&self) -> Option<String> {
-        let (i, w) = self.workers.iter().enumerate().find(|(_, w)| {
-            w.arrived.load(Ordering::SeqCst) < self.reduces
-                || w.handle.as_ref().is_none_or(JoinHandle::is_finished)
-        })?;
+        let (i, w) = self
+            .workers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                let behind = w.arrived.load(Ordering::SeqCst) < self.reduces;
+                let stopped = w.handle.as_ref().is_none_or(JoinHandle::is_finished);
+                let blame = match (stopped, behind) {
+                    (true, true) => 0,
+                    (false, true) => 1,
+                    (true, false) => 2,
+                    (false, false) => return None,
+                };
+                Some((blame, i, w))
+            })
+            .min_by_key(|&(blame, i, _)| (blame, i))
+            .map(|(_, i, w)| (i, w))?;
         Some(match w.report.try_recv() {
             Ok(Err(e)) => format!("rank {} did not arrive: {e}", i + 1),
             _ => format!("rank {} did not arrive", i + 1),
