@@ -4,8 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository's root: where the tests were built, or the working directory when that is
+/// gone (a test binary carried to another machine and run from a checkout's root).
+pub fn root() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests/fixtures").is_dir() {
+        built.to_path_buf()
+    } else {
+        std::env::current_dir().expect("a working directory")
+    }
+}
+
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    root().join("tests/fixtures")
 }
 
 pub fn expected() -> serde_json::Value {
