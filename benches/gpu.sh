@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The one-call GPU measurement (NVIDIA), for whoever has a GPU at hand. In this order:
+#   0. the kernel checks (tests/cuda_kernels.rs) on the GPU, when KERNELS_TEST is given;
 #   1. smoke: `score` on the tiny fixture against expected.json (HF), and a 4-step NF4
 #      fine-tune on the GPU against the same run on the CPU (per-step losses, f32);
 #   2. the NF4 product paths (decode GEMV vs dequantize + matmul) at 1..64 rows on phi-2's fc1:
@@ -12,11 +13,19 @@
 #      speed from the trained model;
 #   4. one table, printed last and written to $OUT/gpu.md (raw JSON lines in $OUT/gpu.jsonl).
 #
-# The GPU machine needs no Rust and no network: build here and send the binary along,
+# The GPU machine needs no Rust and no network: build here (CUDARC_CUDA_VERSION names the GPU
+# machine's CUDA, 13000 for 13.0, when this machine has none) and send the binaries along,
+#   export CUDARC_CUDA_VERSION=13000
 #   cargo build --release --features cuda && gzip -kf target/release/phitune
-# then, there (torch, transformers and peft installed; bitsandbytes from a wheel):
-#   OUT=/tmp/out BNB_WHEEL=bitsandbytes-....whl benches/gpu.sh
+#   cargo test --release --features cuda --test cuda_kernels --no-run   # prints the test binary
+#   gzip -c target/release/deps/cuda_kernels-<hash> > cuda_kernels.gz
+# then, there (torch, transformers and peft installed; bitsandbytes from a wheel, or unpacked
+# on PYTHONPATH):
+#   OUT=/tmp/out BNB_WHEEL=bitsandbytes-....whl KERNELS_TEST=cuda_kernels benches/gpu.sh
 # DRY_RUN=1 benches/gpu.sh runs every step here on the CPU at toy sizes (checks the script).
+# BUDGET_S (default 900) bounds the whole script: each step gets at most its own cap and what is
+# left of the budget, and a step that fails or runs out of time is recorded as such (with the
+# end of its log) while the next one runs. The raw files are packed into $OUT/gpu-files.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/gpu-bench}
@@ -30,6 +39,43 @@ if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
   gunzip -c "$BIN.gz" > "$OUT/phitune" && chmod +x "$OUT/phitune" && BIN="$OUT/phitune"
 fi
 [ -x "$BIN" ] || { echo "no phitune binary at $BIN (or $BIN.gz)" >&2; exit 1; }
+# CubeCL's CUDA runtime loads NVRTC at run time: find it where the CUDA image keeps it.
+if [ -z "${DRY_RUN:-}" ] && ! ldconfig -p 2>/dev/null | grep -q libnvrtc; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $("$PY" -c 'import glob, os, nvidia; print(" ".join(sorted({os.path.dirname(p) for r in nvidia.__path__ for p in glob.glob(r + "/**/libnvrtc.so*", recursive=True)})))' 2>/dev/null); do
+    if compgen -G "$d/libnvrtc.so*" >/dev/null; then
+      LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+  done
+  export LD_LIBRARY_PATH
+fi
+"$BIN" --version >&2
+
+BUDGET_S=${BUDGET_S:-900}
+# Seconds a step may take: its cap, or what is left of the budget (less a reserve for the table).
+allow() { local left=$((BUDGET_S - SECONDS - 15)); echo $(( $1 < left ? $1 : left )); }
+fail_record() {
+  "$PY" - "$1" "$2" "$3" >> "$OUT/gpu.jsonl" <<'EOF'
+import json, sys
+tail = open(sys.argv[3], errors="replace").read().strip().splitlines()[-4:]
+print(json.dumps({"step_name": sys.argv[1], "failed": sys.argv[2], "log_tail": tail}))
+EOF
+}
+# step NAME CAP LOG CMD...: runs CMD within its allowance, its stderr to LOG; on failure or
+# timeout, records the step as failed (with the end of LOG) and returns non-zero.
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local t; t=$(allow "$cap")
+  if [ "$t" -lt 10 ]; then
+    echo "skipped: out of budget" > "$log"; fail_record "$name" skipped "$log"; return 1
+  fi
+  local status=0
+  timeout -k 5 "$t" "$@" 2> "$log" || status=$?
+  if [ $status -ne 0 ]; then
+    local why="exit $status"; [ $status -eq 124 ] && why="timed out after $t s"
+    log "$name: $why"; fail_record "$name" "$why" "$log"; return 1
+  fi
+}
 
 if [ -n "${DRY_RUN:-}" ]; then
   DEVICE=cpu DTYPE=f32 CONFIG=bench QUANT_HF=none STEPS=2 WARMUP=1
@@ -72,31 +118,56 @@ print(json.dumps(v))
 EOF
 }
 
+# The kernel checks (tests/kernels/checks.rs) on the GPU, from the test binary built with
+#   cargo test --release --features cuda --test cuda_kernels --no-run
+# (cargo prints its path; gzip it beside the phitune binary as KERNELS_TEST=...gz).
+KERNELS_RESULT="not run (no KERNELS_TEST binary)"
+KT=${KERNELS_TEST:-}
+if [ -n "$KT" ] && [ ! -x "$KT" ] && [ -f "$KT.gz" ]; then
+  gunzip -c "$KT.gz" > "$OUT/cuda_kernels" && chmod +x "$OUT/cuda_kernels" && KT="$OUT/cuda_kernels"
+fi
+if [ -z "${DRY_RUN:-}" ] && [ -n "$KT" ] && [ -x "$KT" ]; then
+  log "kernel checks on $DEVICE"
+  step kernels 240 "$OUT/kernels.log" "$KT" --test-threads 1 > "$OUT/kernels.txt" || true
+  KERNELS_RESULT=$(grep -E "^test .* (ok|FAILED|ignored)$|^test result" "$OUT/kernels.txt" | sed 's/^/    /' || true)
+fi
+
 log "smoke: score on $DEVICE against HF"
 TEXTS=()
 while IFS= read -r -d '' t; do TEXTS+=(--text "$t"); done < <("$PY" -c '
 import json, sys; e = json.load(open("tests/fixtures/expected.json"))
 sys.stdout.write("".join(c["text"] + "\0" for c in e["tiny-phi"]["score"]))')
-"$BIN" score --device "$DEVICE" --dtype f32 --model tests/fixtures/tiny-phi "${TEXTS[@]}" > "$OUT/score.jsonl"
+SMOKE_SCORE="FAILED: score did not run (see the failures below)"
+if step smoke-score 180 "$OUT/score.log" "$BIN" score --device "$DEVICE" --dtype f32 \
+  --model tests/fixtures/tiny-phi "${TEXTS[@]}" > "$OUT/score.jsonl"; then
 SMOKE_SCORE=$("$PY" - "$OUT/score.jsonl" <<'EOF'
 import json, sys
 exp = json.load(open("tests/fixtures/expected.json"))["tiny-phi"]["score"]
 got = [json.loads(l) for l in open(sys.argv[1])]
-worst = max(abs(a - b) for g, e in zip(got, exp) for a, b in zip(g["nll"], e["nll"]))
+worst = max(abs(a - b) if a is not None else float("inf") for g, e in zip(got, exp) for a, b in zip(g["nll"], e["nll"]))
 same = all(g["tokens"] == e["tokens"] for g, e in zip(got, exp))
 print(f"{'ok' if same and worst < 1e-3 else 'FAILED'}: max |NLL - HF| {worst:.2e}")
 EOF
 )
+fi
 log "smoke: 4-step NF4 fine-tune, $DEVICE vs cpu"
+SMOKE_TRAIN="FAILED: the fine-tune did not run (see the failures below)"
+trained=0
 for d in "$DEVICE" cpu; do
   rm -rf "$OUT/train-$d"
-  "$BIN" train --device "$d" --dtype f32 --model tests/fixtures/tiny-phi \
+  # On the GPU, CubeCL logs what it compiles and autotunes (where the first steps' time goes).
+  debug=()
+  [ -z "${DRY_RUN:-}" ] && [ "$d" = "$DEVICE" ] && debug=(env "CUBECL_DEBUG_LOG=$OUT/cubecl-train.log")
+  if step "smoke-train-$d" 150 "$OUT/train-$d.log" "${debug[@]}" "$BIN" train --device "$d" --dtype f32 \
+    --model tests/fixtures/tiny-phi \
     --data data/samples/persona_chat_sample.jsonl --out "$OUT/train-$d" --max-steps 4 \
     --micro-batch 2 --grad-accum 2 --lr 1e-3 --lora-dropout 0.1 --quant nf4 \
     --valid-fraction 0.1 --eval-rows 4 --eval-every 4 --save-every 4 --no-dashboard \
-    > /dev/null 2> "$OUT/train-$d.log"
+    > /dev/null; then
+    trained=$((trained + 1))
+  fi
 done
-SMOKE_TRAIN=$("$PY" - "$OUT/train-$DEVICE" "$OUT/train-cpu" <<'EOF'
+[ $trained -eq 2 ] && SMOKE_TRAIN=$("$PY" - "$OUT/train-$DEVICE" "$OUT/train-cpu" <<'EOF'
 import json, sys
 def losses(d):
     return [r["loss"] for r in map(json.loads, open(d + "/metrics.jsonl")) if r["split"] == "train"]
@@ -107,29 +178,35 @@ EOF
 )
 
 log "NF4 paths at $ROWS rows"
-"$BIN" bench --device "$DEVICE" --dtype "$DTYPE" --config "$CONFIG" --nf4-rows "$ROWS" \
-  --repeats 5 2> "$OUT/nf4-rows.log" > "$OUT/nf4-rows.json"
-record nf4-rows "$(cat "$OUT/nf4-rows.json")"
+if step nf4-rows 120 "$OUT/nf4-rows.log" "$BIN" bench --device "$DEVICE" --dtype "$DTYPE" \
+  --config "$CONFIG" --nf4-rows "$ROWS" --repeats 5 > "$OUT/nf4-rows.json"; then
+  record nf4-rows "$(cat "$OUT/nf4-rows.json")"
+fi
 
 for setting in $SETTINGS; do
   B=${setting%x*} S=${setting#*x}
   log "training $B x $S: phitune"
-  run_sampled "$BIN" bench --train --device "$DEVICE" --dtype "$DTYPE" --config "$CONFIG" \
+  if run_sampled step "phitune $setting" "${CAP_PHITUNE:-240}" "$OUT/phitune-$setting.log" \
+    "$BIN" bench --train --device "$DEVICE" --dtype "$DTYPE" --config "$CONFIG" \
     --quant nf4 --grad-checkpointing true --micro-batch "$B" --seq-len "$S" --steps "$STEPS" \
     --warmup-steps "$WARMUP" --prompt-len 32 --new-tokens 64 --repeats 2 \
-    2> "$OUT/phitune-$setting.log" > "$OUT/phitune-$setting.json"
-  record "phitune $setting" "$(cat "$OUT/phitune-$setting.json")" "$PEAK_MIB"
+    > "$OUT/phitune-$setting.json"; then
+    record "phitune $setting" "$(cat "$OUT/phitune-$setting.json")" "$PEAK_MIB"
+  fi
   log "training $B x $S: transformers + PEFT + bitsandbytes"
-  run_sampled "$PY" benches/hf_train.py --config "$CONFIG" --device "$HF_DEVICE" --dtype "$DTYPE" \
+  if run_sampled step "hf $setting" "${CAP_HF:-180}" "$OUT/hf-$setting.log" \
+    "$PY" benches/hf_train.py --config "$CONFIG" --device "$HF_DEVICE" --dtype "$DTYPE" \
     --quant "$QUANT_HF" $GC_HF --micro-batch "$B" --seq-len "$S" --steps "$STEPS" \
-    --warmup-steps "$WARMUP" --weights-dir "$OUT/hf-weights" \
-    2> "$OUT/hf-$setting.log" > "$OUT/hf-$setting.json"
-  record "hf $setting" "$(cat "$OUT/hf-$setting.json")" "$PEAK_MIB"
+    --warmup-steps "$WARMUP" --weights-dir "$OUT/hf-weights" > "$OUT/hf-$setting.json"; then
+    record "hf $setting" "$(cat "$OUT/hf-$setting.json")" "$PEAK_MIB"
+  fi
 done
 
-"$PY" - "$OUT/gpu.jsonl" "$SMOKE_SCORE" "$SMOKE_TRAIN" "${PEAK_TFLOPS:-}" > "$OUT/gpu.md" <<'EOF'
+"$PY" - "$OUT/gpu.jsonl" "$SMOKE_SCORE" "$SMOKE_TRAIN" "${PEAK_TFLOPS:-}" "$KERNELS_RESULT" > "$OUT/gpu.md" <<'EOF'
 import json, subprocess, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+failed = [r for r in rows if "failed" in r]
+rows = [r for r in rows if "failed" not in r]
 gpu = "cpu (dry run)"
 try:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -139,7 +216,8 @@ except Exception:
 # Dense bf16 peak of the card, FLOP/s (PEAK_TFLOPS overrides).
 peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 peak = float(sys.argv[4]) * 1e12 if sys.argv[4] else next((v for k, v in peaks.items() if k in gpu), None)
-out = [f"GPU: {gpu}", "", f"smoke score: {sys.argv[2]}", f"smoke fine-tune: {sys.argv[3]}", ""]
+out = [f"GPU: {gpu}", "", "kernel checks:", sys.argv[5], "", f"smoke score: {sys.argv[2]}",
+       f"smoke fine-tune: {sys.argv[3]}", ""]
 out += ["| setting | impl | tokens/s | vs HF | step s | fwd s | bwd s | opt s | peak device MiB | reported peak GiB | MFU | decode tok/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 hf = {r["step_name"].split()[1]: r["report"]["tokens_per_s"] for r in rows if r["step_name"].startswith("hf ")}
@@ -163,6 +241,11 @@ if nf4:
     out += ["", f"NF4 product on fc1 {rep['shape']} (default GEMV below {rep['default_gemv_max_rows']} rows):", "",
             "| rows | GEMV us | dequantize + matmul us | GEMV weight GB/s |", "|---|---|---|---|"]
     out += [f"| {t['m']} | {t['gemv_us']:.1f} | {t['dequantize_matmul_us']:.1f} | {t['gemv_weight_gb_s']:.0f} |" for t in rep["rows"]]
+if failed:
+    out += ["", "Steps that did not finish:", ""]
+    out += [f"- {r['step_name']}: {r['failed']}: " + " / ".join(r["log_tail"]) for r in failed]
 print("\n".join(out))
 EOF
 cat "$OUT/gpu.md"
+tar czf "$OUT/gpu-files.tgz" -C "$OUT" --exclude=./gpu-files.tgz --exclude=./hf-weights \
+  --exclude=./phitune --exclude='*.safetensors' --exclude='*.mpk' . 2>/dev/null || true

@@ -193,7 +193,13 @@ where
     let quant = (args.base_quant() == Quant::Nf4).then_some(Quantization { double_quant: true });
     AB::seed(&device, 42);
     let lora = LoraConfig::seed();
+    let t = Instant::now();
     let phi = Phi::<AB>::random_with(config, &device, quant).with_lora(&lora, 42, &device);
+    let _ = AB::sync(&device);
+    eprintln!(
+        "bench: model with random weights ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let trainable = burn::module::Module::num_params(&phi);
     let head = match args.head {
         BenchHead::Full => Head::Full,
@@ -240,6 +246,18 @@ where
             first = stats.loss();
         }
         last = stats.loss();
+        eprintln!(
+            "bench: step {}/{} ({}): {:.3} s, loss {:.4}",
+            step + 1,
+            args.warmup_steps + args.steps,
+            if step < args.warmup_steps {
+                "warm-up"
+            } else {
+                "timed"
+            },
+            (t3 - t0).as_secs_f64(),
+            last
+        );
         if step >= args.warmup_steps {
             tokens += input.tokens;
             fwd.push((t1 - t0).as_secs_f64());
@@ -252,6 +270,10 @@ where
     let total: f64 = steps.iter().sum();
     let peak_rss_gib = peak_rss_gib();
     let a = args;
+    eprintln!(
+        "bench: timing greedy generation ({} prompt + {} new tokens, {} repeats after a warm-up)",
+        a.prompt_len, a.new_tokens, a.repeats
+    );
     let generation = measure_generation(
         &burn::module::AutodiffModule::valid(&model.phi),
         a.prompt_len,
