@@ -247,5 +247,11 @@ if failed:
 print("\n".join(out))
 EOF
 cat "$OUT/gpu.md"
+# CubeCL's log can be long: keep its first and last 8 MB so that the archive stays small.
+for f in "$OUT"/cubecl-*.log; do
+  if [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 16000000 ]; then
+    { head -c 8000000 "$f"; echo; echo "[... cut ...]"; tail -c 8000000 "$f"; } > "$f.cut" && mv "$f.cut" "$f"
+  fi
+done
 tar czf "$OUT/gpu-files.tgz" -C "$OUT" --exclude=./gpu-files.tgz --exclude=./hf-weights \
   --exclude=./phitune --exclude='*.safetensors' --exclude='*.mpk' . 2>/dev/null || true
