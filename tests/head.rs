@@ -6,12 +6,9 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::data::dataloader::batcher::Batcher;
-use phitune_data::batch::ExampleDataset;
-use phitune_data::load::load_path;
-use phitune_data::{LoadOptions, Template};
+use phitune_data::Template;
 use phitune_model::{Phi, PhiTokenizer};
-use phitune_train::lm::{CausalLm, Head, Item, LmBatch, LmBatcher};
+use phitune_train::lm::{CausalLm, Head, LmBatch};
 
 type A = Autodiff<NdArray<f32, i32>>;
 
@@ -20,24 +17,7 @@ fn model() -> (Phi<A>, PhiTokenizer) {
 }
 
 fn batch(tok: &PhiTokenizer, template: Template) -> LmBatch<A> {
-    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/samples/persona_chat_sample.jsonl");
-    let rows = load_path(&sample, LoadOptions::default()).unwrap().rows;
-    let ds = ExampleDataset::build(&rows[..6], tok, template, 160).unwrap();
-    let items = ds
-        .examples
-        .into_iter()
-        .enumerate()
-        .map(|(i, example)| Item {
-            position: i as u64,
-            example,
-        })
-        .collect();
-    LmBatcher {
-        pad_id: tok.eos_token_ids[0],
-        pack: None,
-    }
-    .batch(items, &Default::default())
+    common::sample_batch(tok, template, 6, 160, &Default::default())
 }
 
 /// `(loss, correct, every LoRA gradient flattened)` of one objective.
@@ -45,20 +25,7 @@ fn run(lm: &CausalLm<A>, batch: &LmBatch<A>) -> (f64, usize, Vec<Vec<f32>>) {
     phitune_model::ops::start_dropout_stream(5);
     let (loss, stats) = lm.objective(batch);
     let grads = loss.backward();
-    let lora = lm
-        .phi
-        .projections()
-        .into_iter()
-        .filter_map(|(_, _, p)| p.lora.as_ref().map(|l| (l.a.val(), l.b.val())))
-        .flat_map(|(a, b)| [a, b])
-        .map(|t| {
-            t.grad(&grads)
-                .expect("every LoRA weight has a gradient")
-                .into_data()
-                .into_vec::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let lora = common::lora_grads(&lm.phi, &grads);
     (stats.loss(), stats.correct, lora)
 }
 

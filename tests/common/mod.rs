@@ -105,3 +105,54 @@ pub fn tiny_with_adapter<B: phitune_model::Nf4Backend>()
         .unwrap();
     (phi, tok)
 }
+
+/// The first `rows` rows of the bundled sample, built with `template` and cut at `max_len`, as
+/// one padded micro-batch on `device`.
+pub fn sample_batch<B: burn::tensor::backend::Backend>(
+    tok: &phitune_model::PhiTokenizer,
+    template: phitune_data::Template,
+    rows: usize,
+    max_len: usize,
+    device: &B::Device,
+) -> phitune_train::lm::LmBatch<B> {
+    use burn::data::dataloader::batcher::Batcher;
+    let sample = root().join("data/samples/persona_chat_sample.jsonl");
+    let loaded = phitune_data::load::load_path(&sample, Default::default()).unwrap();
+    let ds =
+        phitune_data::batch::ExampleDataset::build(&loaded.rows[..rows], tok, template, max_len)
+            .unwrap();
+    let items = ds
+        .examples
+        .into_iter()
+        .enumerate()
+        .map(|(i, example)| phitune_train::lm::Item {
+            position: i as u64,
+            example,
+        })
+        .collect();
+    phitune_train::lm::LmBatcher {
+        pad_id: tok.eos_token_ids[0],
+        pack: None,
+    }
+    .batch(items, device)
+}
+
+/// Every LoRA factor's gradient (A then B, layer by layer), flattened.
+pub fn lora_grads<B: burn::tensor::backend::AutodiffBackend>(
+    phi: &phitune_model::Phi<B>,
+    grads: &B::Gradients,
+) -> Vec<Vec<f32>> {
+    phi.projections()
+        .into_iter()
+        .filter_map(|(_, _, p)| p.lora.as_ref().map(|l| (l.a.val(), l.b.val())))
+        .flat_map(|(a, b)| [a, b])
+        .map(|t| {
+            t.grad(grads)
+                .expect("every LoRA weight has a gradient")
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap()
+        })
+        .collect()
+}

@@ -328,9 +328,7 @@ fn tiny_phi_scores_as_hf() {
 /// rows: the loss, the token accuracy and every LoRA gradient equal the CPU's.
 #[test]
 fn a_qlora_training_step_matches_the_cpu() {
-    use burn::data::dataloader::batcher::Batcher;
-    use phitune_data::batch::ExampleDataset;
-    use phitune_train::lm::{CausalLm, Item, LmBatcher};
+    use phitune_train::lm::CausalLm;
 
     fn step<BB: burn::tensor::backend::AutodiffBackend + phitune_model::Nf4Backend>()
     -> (f64, usize, Vec<Vec<f32>>)
@@ -350,38 +348,12 @@ fn a_qlora_training_step_matches_the_cpu() {
             .unwrap()
             .with_adapter(&adapter, &device)
             .unwrap();
-        let sample = common::root().join("data/samples/persona_chat_sample.jsonl");
-        let rows = phitune_data::load::load_path(&sample, Default::default())
-            .unwrap()
-            .rows;
-        let ds =
-            ExampleDataset::build(&rows[..4], &tok, phitune_data::Template::Persona, 160).unwrap();
-        let items = ds
-            .examples
-            .into_iter()
-            .enumerate()
-            .map(|(i, example)| Item {
-                position: i as u64,
-                example,
-            })
-            .collect();
-        let batch = LmBatcher {
-            pad_id: tok.eos_token_ids[0],
-            pack: None,
-        }
-        .batch(items, &device);
+        let batch = common::sample_batch(&tok, phitune_data::Template::Persona, 4, 160, &device);
         let lm = CausalLm::new(phi, 0.1, 3);
         ops::start_dropout_stream(5);
         let (loss, stats) = lm.objective(&batch);
         let grads = loss.backward();
-        let lora = lm
-            .phi
-            .projections()
-            .into_iter()
-            .filter_map(|(_, _, p)| p.lora.as_ref().map(|l| (l.a.val(), l.b.val())))
-            .flat_map(|(a, b)| [a, b])
-            .map(|t| values(t.grad(&grads).expect("a LoRA gradient")))
-            .collect();
+        let lora = common::lora_grads(&lm.phi, &grads);
         (stats.loss(), stats.correct, lora)
     }
     let (lw, cw, gw) = step::<AW>();
