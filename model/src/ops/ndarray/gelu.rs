@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::math::tanh_fast;
+use super::math::{tanh_fast, vectorized};
 use crate::ops::reference::{GELU_C, SQRT_2_OVER_PI};
 
 const CHUNK: usize = 4096;
@@ -19,9 +19,11 @@ pub(super) fn forward(xs: &[f32]) -> Vec<f32> {
     out.par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK))
         .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = gelu_parts(x).0;
-            }
+            vectorized(|| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = gelu_parts(x).0;
+                }
+            })
         });
     out
 }
@@ -32,11 +34,13 @@ pub(super) fn backward(xs: &[f32], grad: &[f32]) -> Vec<f32> {
     out.par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
         .for_each(|(o, (x, g))| {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                let (_, t) = gelu_parts(x);
-                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
-                *o = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
-            }
+            vectorized(|| {
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                    let (_, t) = gelu_parts(x);
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+                    *o = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+                }
+            })
         });
     out
 }

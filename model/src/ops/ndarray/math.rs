@@ -1,4 +1,5 @@
-//! Scalar maths written so the row loops around them vectorize.
+//! Scalar maths written so the row loops around them vectorize, and the dispatch that has them
+//! vectorize to the CPU's full width.
 
 /// `e^x` for `x <= 0` to within a few ulps (Cephes' `expf` polynomial), written branch-free so
 /// the row loops vectorize; results below `e^-87.3` flush to (nearly) zero.
@@ -7,7 +8,8 @@ pub(super) fn exp_neg(x: f32) -> f32 {
     let x = x.max(-87.3);
     // Round to nearest through the float mantissa (vectorizes, unlike `round`).
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -16,7 +18,18 @@ pub(super) fn exp_neg(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * y
+    // 2^n from n's bits in `t` (an integer in its low mantissa bits, -126..=0 here): an
+    // `as i32` conversion would saturate, which keeps the loops around it from vectorizing.
+    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(n_bits.wrapping_add(127) << 23) * y
+}
+
+/// Runs `f` compiled for the widest vector instructions the CPU has (AVX-512, or AVX2 + FMA,
+/// picked at run time by `pulp`), so that the loops of the `#[inline(always)]` kernels called
+/// inside vectorize to that width: the release build targets the baseline x86-64 set (SSE2).
+#[inline(always)]
+pub(super) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
 }
 
 /// `tanh(u)` through [`exp_neg`] (vectorizes; within a few ulps of `f32::tanh`).

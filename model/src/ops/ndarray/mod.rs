@@ -6,6 +6,7 @@
 mod cross_entropy;
 mod dropout;
 mod gelu;
+mod head;
 mod lora;
 mod math;
 mod matmul;
@@ -33,11 +34,27 @@ fn f32s(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
             let v = s.view();
             Some(match v.to_slice() {
                 Some(sl) => Cow::Borrowed(sl),
-                None => Cow::Owned(v.iter().copied().collect()),
+                None => Cow::Owned(row_major(v)),
             })
         }
         _ => None,
     }
+}
+
+/// The values of a strided view in row-major order, a last-axis lane at a time (iterating
+/// element by element over a dynamic-rank view costs several nanoseconds per value).
+fn row_major<T: Copy>(v: ::ndarray::ArrayViewD<'_, T>) -> Vec<T> {
+    if v.ndim() == 0 {
+        return v.iter().copied().collect();
+    }
+    let mut out = Vec::with_capacity(v.len());
+    for lane in v.rows() {
+        match lane.as_slice() {
+            Some(values) => out.extend_from_slice(values),
+            None => out.extend(lane.iter().copied()),
+        }
+    }
+    out
 }
 
 /// Row-major values of a bool tensor.
@@ -47,7 +64,7 @@ fn bools(t: &NdArrayTensor) -> Option<Cow<'_, [bool]>> {
             let v = s.view();
             Some(match v.to_slice() {
                 Some(sl) => Cow::Borrowed(sl),
-                None => Cow::Owned(v.iter().copied().collect()),
+                None => Cow::Owned(row_major(v)),
             })
         }
         _ => None,
@@ -142,6 +159,65 @@ where
         let m = dys.len() / n;
         output(matmul::frozen_matmul_t(&dys, &ws, m, n, k), &[m, k])
     }
+
+    fn head_cross_entropy(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> CrossEntropy<Self> {
+        match fused_head::<E, I, Q>(&h, &w, bias.as_ref(), &targets, chunk, false) {
+            Some((ce, _)) => ce,
+            None => reference::head_cross_entropy::<Self>(h, w, bias, targets, chunk),
+        }
+    }
+
+    fn head_cross_entropy_with_grad(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> (CrossEntropy<Self>, FloatTensor<Self>) {
+        match fused_head::<E, I, Q>(&h, &w, bias.as_ref(), &targets, chunk, true) {
+            Some((ce, dh)) => (ce, dh.expect("requested")),
+            None => reference::head_cross_entropy_with_grad::<Self>(h, w, bias, targets, chunk),
+        }
+    }
+}
+
+/// The fused CPU head ([`head::head`]) over f32 tensors; `None` for any other dtype.
+#[allow(clippy::type_complexity)]
+fn fused_head<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement>(
+    h: &NdArrayTensor,
+    w: &NdArrayTensor,
+    bias: Option<&NdArrayTensor>,
+    targets: &NdArrayTensor,
+    chunk: usize,
+    grad: bool,
+) -> Option<(CrossEntropy<NdArray<E, I, Q>>, Option<NdArrayTensor>)>
+where
+    NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>>,
+{
+    let (hs, ws, ts) = (f32s(h)?, f32s(w)?, ints(targets)?);
+    let bias = match bias {
+        Some(b) => Some(f32s(b)?),
+        None => None,
+    };
+    let hidden = w.shape()[1];
+    let out = head::head(&hs, &ws, bias.as_deref(), &ts, chunk, grad);
+    let n = ts.len();
+    let ce = CrossEntropy {
+        nll: shared(out.nll.iter().map(|&v| v.elem::<E>()).collect(), &[n]).into(),
+        lse: shared(out.lse.iter().map(|&v| v.elem::<E>()).collect(), &[n]).into(),
+        argmax: shared(
+            out.argmax.iter().map(|&a| (a as i64).elem::<I>()).collect(),
+            &[n],
+        )
+        .into(),
+    };
+    Some((ce, out.dh.map(|dh| output(dh, &[n, hidden]))))
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> FusedOps for NdArray<E, I, Q>
