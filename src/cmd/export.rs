@@ -48,6 +48,18 @@ pub fn run(args: ExportArgs) -> Result<()> {
             args.out.display()
         );
     }
+    let out_dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!(
+            "--out {}: the directory {} does not exist",
+            args.out.display(),
+            out_dir.display()
+        );
+    }
     let modelfile = args.out.with_file_name("Modelfile");
     if modelfile.exists() && !args.overwrite {
         bail!(
@@ -78,6 +90,22 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if quant.is_some() && adapter.is_some() {
         eprintln!("merging into the NF4-dequantized base weights (the adapter's training base)");
     }
+    // Everything the Modelfile needs is settled before the GGUF is written, so that no bad
+    // input leaves a GGUF without its Modelfile.
+    let eos_id = tokenizer.eos_token_ids[0];
+    let eos = tokenizer.inner().id_to_token(eos_id).with_context(|| {
+        format!(
+            "{}: the eos token id {eos_id} (config.json) has no token in tokenizer.json",
+            dir.display()
+        )
+    })?;
+    let text = modelfile_text(
+        &args.out,
+        prompt.template,
+        &prompt.persona,
+        &eos,
+        prompt.max_len,
+    );
     let report = phitune_model::io::export::export_gguf(
         &ckpt,
         adapter.as_ref(),
@@ -87,17 +115,6 @@ pub fn run(args: ExportArgs) -> Result<()> {
         &args.out,
         args.overwrite,
     )?;
-    let eos = tokenizer
-        .inner()
-        .id_to_token(tokenizer.eos_token_ids[0])
-        .context("the eos token has no text in tokenizer.json")?;
-    let text = modelfile_text(
-        &args.out,
-        prompt.template,
-        &prompt.persona,
-        &eos,
-        prompt.max_len,
-    );
     phitune_model::io::atomic_write(&modelfile, |w| {
         use std::io::Write;
         w.write_all(text.as_bytes())
@@ -123,14 +140,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
         },
         modelfile.display()
     );
-    let dir = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     eprintln!(
         "run it with: ollama create {name} -f {} && ollama run {name}",
-        dir.join("Modelfile").display()
+        out_dir.join("Modelfile").display()
     );
     Ok(())
 }
