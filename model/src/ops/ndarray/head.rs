@@ -11,11 +11,10 @@ use super::cross_entropy::row_in_place;
 use super::math::vectorized;
 use super::matmul::sgemm;
 
-/// Per-row results, and `d nll_i / d h_i` (`[rows, hidden]`) when asked for.
+/// `(nll, lse, argmax)` per row, as [`forward`](super::cross_entropy::forward) gives them, and
+/// `d nll_i / d h_i` (`[rows, hidden]`) when asked for.
 pub(super) struct Head {
-    pub nll: Vec<f32>,
-    pub lse: Vec<f32>,
-    pub argmax: Vec<usize>,
+    pub rows: Vec<(f32, f32, usize)>,
     pub dh: Option<Vec<f32>>,
 }
 
@@ -36,15 +35,11 @@ pub(super) fn head(
     assert!(bias.is_none_or(|b| b.len() == vocab));
     let chunk = chunk.clamp(1, rows.max(1));
     let mut out = Head {
-        nll: Vec::with_capacity(rows),
-        lse: Vec::with_capacity(rows),
-        argmax: Vec::with_capacity(rows),
+        rows: Vec::with_capacity(rows),
         dh: grad.then(|| vec![0f32; rows * hidden]),
     };
     if rows == 0 || hidden == 0 || vocab == 0 {
-        out.nll.resize(rows, 0.0);
-        out.lse.resize(rows, f32::NAN);
-        out.argmax.resize(rows, 0);
+        out.rows.resize(rows, (0.0, f32::NAN, 0));
         return out;
     }
     let mut logits = vec![0f32; chunk * vocab];
@@ -64,16 +59,11 @@ pub(super) fn head(
             vocab as isize,
             0.0,
         );
-        let stats: Vec<(f32, f32, usize)> = buf
-            .par_chunks_mut(vocab)
-            .zip(targets[start..start + len].par_iter())
-            .map(|(row, &t)| vectorized(|| row_in_place(row, bias, t, grad)))
-            .collect();
-        for (nll, lse, arg) in stats {
-            out.nll.push(nll);
-            out.lse.push(lse);
-            out.argmax.push(arg);
-        }
+        out.rows.par_extend(
+            buf.par_chunks_mut(vocab)
+                .zip(targets[start..start + len].par_iter())
+                .map(|(row, &t)| vectorized(|| row_in_place(row, bias, t, grad))),
+        );
         if let Some(dh) = &mut out.dh {
             let dh = &mut dh[start * hidden..(start + len) * hidden];
             sgemm(

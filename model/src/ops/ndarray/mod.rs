@@ -207,17 +207,26 @@ where
     };
     let hidden = w.shape()[1];
     let out = head::head(&hs, &ws, bias.as_deref(), &ts, chunk, grad);
-    let n = ts.len();
-    let ce = CrossEntropy {
-        nll: shared(out.nll.iter().map(|&v| v.elem::<E>()).collect(), &[n]).into(),
-        lse: shared(out.lse.iter().map(|&v| v.elem::<E>()).collect(), &[n]).into(),
-        argmax: shared(
-            out.argmax.iter().map(|&a| (a as i64).elem::<I>()).collect(),
-            &[n],
-        )
-        .into(),
-    };
-    Some((ce, out.dh.map(|dh| output(dh, &[n, hidden]))))
+    let dh = out.dh.map(|dh| output(dh, &[ts.len(), hidden]));
+    Some((per_row(&out.rows), dh))
+}
+
+/// [`CrossEntropy`] from `(nll, lse, argmax)` per row.
+fn per_row<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement>(
+    rows: &[(f32, f32, usize)],
+) -> CrossEntropy<NdArray<E, I, Q>>
+where
+    NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>>,
+{
+    let n = rows.len();
+    let nll = rows.iter().map(|r| r.0.elem::<E>()).collect();
+    let lse = rows.iter().map(|r| r.1.elem::<E>()).collect();
+    let arg = rows.iter().map(|r| (r.2 as i64).elem::<I>()).collect();
+    CrossEntropy {
+        nll: shared(nll, &[n]).into(),
+        lse: shared(lse, &[n]).into(),
+        argmax: shared(arg, &[n]).into(),
+    }
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> FusedOps for NdArray<E, I, Q>
@@ -229,16 +238,7 @@ where
         let (Some(xs), Some(ts)) = (f32s(&logits), ints(&targets)) else {
             return reference::cross_entropy::<Self>(logits, targets);
         };
-        let rows = cross_entropy::forward(&xs, &ts, vocab);
-        let n = rows.len();
-        let nll = rows.iter().map(|r| r.0.elem::<E>()).collect();
-        let lse = rows.iter().map(|r| r.1.elem::<E>()).collect();
-        let arg = rows.iter().map(|r| (r.2 as i64).elem::<I>()).collect();
-        CrossEntropy {
-            nll: shared(nll, &[n]).into(),
-            lse: shared(lse, &[n]).into(),
-            argmax: shared(arg, &[n]).into(),
-        }
+        per_row(&cross_entropy::forward(&xs, &ts, vocab))
     }
 
     fn cross_entropy_backward(
