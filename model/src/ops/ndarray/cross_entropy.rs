@@ -42,28 +42,39 @@ fn max_arg(row: &[f32]) -> (f32, usize, bool) {
     (max, arg.min(row.len().saturating_sub(1)), nan)
 }
 
-/// `sum(exp(row - max))` in 16 lanes (then the remainder); with `store`, each exponential is
-/// also written over its value.
+/// `sum(exp(row - max))` in 16 lanes (then the remainder).
 #[inline(always)]
-fn exp_sum<const STORE: bool>(row: &mut [f32], max: f32) -> f32 {
+fn exp_sum(row: &[f32], max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += exp_neg(c[l] - max);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for &x in rest {
+        sum += exp_neg(x - max);
+    }
+    sum
+}
+
+/// [`exp_sum`], also writing each exponential over its value (same order, same sum).
+#[inline(always)]
+fn exp_sum_in_place(row: &mut [f32], max: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            let e = exp_neg(c[l] - max);
-            if STORE {
-                c[l] = e;
-            }
-            acc[l] += e;
+            c[l] = exp_neg(c[l] - max);
+            acc[l] += c[l];
         }
     }
     let mut sum: f32 = acc.iter().sum();
     for x in chunks.into_remainder() {
-        let e = exp_neg(*x - max);
-        if STORE {
-            *x = e;
-        }
-        sum += e;
+        *x = exp_neg(*x - max);
+        sum += *x;
     }
     sum
 }
@@ -83,18 +94,7 @@ fn finish(max: f32, sum: f32, nan: bool, target_logit: Option<f32>) -> (f32, f32
 #[inline(always)]
 fn row_forward(row: &[f32], target: i64) -> (f32, f32, usize) {
     let (max, arg, nan) = max_arg(row);
-    let mut acc = [0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += exp_neg(c[l] - max);
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for &x in rest {
-        sum += exp_neg(x - max);
-    }
+    let sum = exp_sum(row, max);
     let target_logit = (target >= 0).then(|| row[target as usize]);
     let (nll, lse) = finish(max, sum, nan, target_logit);
     (nll, lse, arg)
@@ -119,9 +119,9 @@ pub(super) fn row_in_place(
     let (max, arg, nan) = max_arg(row);
     let target_logit = (target >= 0).then(|| row[target as usize]);
     let sum = if grad {
-        exp_sum::<true>(row, max)
+        exp_sum_in_place(row, max)
     } else {
-        exp_sum::<false>(row, max)
+        exp_sum(row, max)
     };
     let (nll, lse) = finish(max, sum, nan, target_logit);
     if grad {
