@@ -23,7 +23,7 @@ pub enum DeviceSpec {
 impl DeviceSpec {
     /// The best device compiled in: CUDA, then wgpu, then the CPU.
     pub fn default_compiled() -> Self {
-        if cfg!(feature = "cuda") {
+        if cfg!(feature = "cuda-backend") {
             DeviceSpec::Cuda(0)
         } else if cfg!(feature = "wgpu") {
             DeviceSpec::Wgpu(None)
@@ -34,6 +34,16 @@ impl DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Micro-batches on this device are widened to a multiple of this many positions: 64 on
+    /// GPUs (a few sequence lengths, so a few kernels to compile and shapes to tune), none on
+    /// the CPU.
+    pub fn pad_multiple(&self) -> usize {
+        match self {
+            DeviceSpec::Cpu => 1,
+            _ => 64,
+        }
+    }
+
     /// The device's index among those of its kind (0 for the CPU and a default wgpu adapter).
     pub fn index(&self) -> u16 {
         match *self {
@@ -83,6 +93,25 @@ pub trait Job {
 }
 
 pub fn dispatch<J: Job>(device: DeviceSpec, dtype: Dtype, job: J) -> Result<J::Output> {
+    // A bad bisection switch is refused before any work (the kernels read it lazily).
+    phitune_model::ops::reference_ops_from_env().map_err(anyhow::Error::msg)?;
+    if device == DeviceSpec::Cpu {
+        return run_on(device, dtype, job);
+    }
+    crate::gpu_kernels::setup()?;
+    let out = run_on(device, dtype, job);
+    let c = crate::gpu_kernels::counts();
+    eprintln!(
+        "GPU kernels: {} compiled, {} shapes tuned, {} tuning results from the cache{}",
+        c.compiled,
+        c.tuned,
+        c.cached,
+        crate::gpu_kernels::cache_dir().map_or(String::new(), |d| format!(" ({})", d.display()))
+    );
+    out
+}
+
+fn run_on<J: Job>(device: DeviceSpec, dtype: Dtype, job: J) -> Result<J::Output> {
     match device {
         DeviceSpec::Cpu => match dtype {
             // i32 ints: NF4 codes are packed 8 per 32-bit element.
@@ -94,7 +123,7 @@ pub fn dispatch<J: Job>(device: DeviceSpec, dtype: Dtype, job: J) -> Result<J::O
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-backend")]
 fn cuda<J: Job>(index: usize, dtype: Dtype, job: J) -> Result<J::Output> {
     use burn::backend::Cuda;
     use burn::backend::cuda::CudaDevice;
@@ -106,7 +135,7 @@ fn cuda<J: Job>(index: usize, dtype: Dtype, job: J) -> Result<J::Output> {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "cuda-backend"))]
 fn cuda<J: Job>(_: usize, _: Dtype, _: J) -> Result<J::Output> {
     bail!("this binary was built without CUDA support: rebuild with `--features cuda`")
 }

@@ -77,6 +77,11 @@ pub struct TrainArgs {
     /// Seconds a rank waits for the others (--devices) before the run stops with an error.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub peer_timeout: u64,
+    /// Widen every micro-batch to a multiple of this many positions (padding, which the loss
+    /// ignores: the results are the same). Default 64 on GPUs, so that a run meets a few
+    /// sequence lengths and compiles and tunes kernels for those only; 1 on the CPU.
+    #[arg(long, value_name = "N")]
+    pub pad_to_multiple: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -184,15 +189,25 @@ pub struct DeviceArgs {
     /// Compute dtype: f32, or f16/bf16 on GPUs (default: bf16 on CUDA, f32 elsewhere).
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
+    /// Let f32 products use TF32 tensor cores (CUDA): faster, but each operand is rounded to a
+    /// 10-bit mantissa (about 5e-4 relative). Off by default, as in PyTorch: f32 means f32.
+    /// Half-precision runs are not affected.
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl DeviceArgs {
+    /// The device and dtype to run on (and the TF32 policy applied to the process).
     pub fn resolve(&self) -> (DeviceSpec, Dtype) {
         let device = self.device.unwrap_or_else(DeviceSpec::default_compiled);
         let dtype = self.dtype.unwrap_or(match device {
             DeviceSpec::Cuda(_) => Dtype::Bf16,
             _ => Dtype::F32,
         });
+        // In an f16/bf16 run the only f32 products are the attention's q k^T of up-cast half
+        // values, which TF32's 10-bit mantissa holds exactly: TF32 changes nothing there but
+        // speed, so those runs keep Burn's tensor-core matmul as before.
+        phitune_model::ops::set_allow_tf32(self.tf32 || dtype != Dtype::F32);
         (device, dtype)
     }
 }

@@ -6,6 +6,7 @@
 mod backend;
 mod cli;
 mod cmd;
+mod gpu_kernels;
 
 use std::process::ExitCode;
 

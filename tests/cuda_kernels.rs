@@ -9,6 +9,10 @@ mod common;
 
 type W = burn::backend::Cuda<f32>;
 type H = burn::backend::Cuda<half::f16>;
+/// `W` without fusion: where the padded tensors of `kernels/padded.rs` are built.
+type Inner = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
 #[path = "kernels/checks.rs"]
 mod checks;
+#[path = "kernels/padded.rs"]
+mod padded;

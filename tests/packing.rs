@@ -50,6 +50,7 @@ fn batch(tok: &PhiTokenizer, examples: &[Example], pack: Option<usize>) -> LmBat
     LmBatcher {
         pad_id: tok.eos_token_ids[0],
         pack,
+        pad_multiple: 1,
     }
     .batch(items, &Default::default())
 }

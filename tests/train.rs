@@ -610,12 +610,10 @@ fn gradient_checkpointing_gives_the_same_run() {
     }
 }
 
-/// `--packing` lays each micro-batch's examples end to end in rows, each example on its own
-/// (positions, attention, loss): without dropout (whose masks follow the layout) the run is the
-/// padded one, step by step, evaluation included, also when stopped and resumed.
-#[test]
-fn a_packed_run_is_the_padded_run_and_resumes() {
-    let tiny = copy_fixture("tiny-phi", "train-packing-model");
+/// A copy of tiny-phi without dropout (dropout masks follow the layout: a wider or packed
+/// micro-batch draws other masks).
+fn tiny_without_dropout(name: &str) -> std::path::PathBuf {
+    let tiny = copy_fixture("tiny-phi", name);
     let cfg = tiny.join("config.json");
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
@@ -623,6 +621,55 @@ fn a_packed_run_is_the_padded_run_and_resumes() {
         c[k] = 0.0.into();
     }
     std::fs::write(&cfg, c.to_string()).unwrap();
+    tiny
+}
+
+/// GPU runs widen every micro-batch to a multiple of 64 positions (fewer shapes to compile and
+/// tune for); the extra positions are padding, which the mask and the loss ignore: the run is
+/// the unwidened one, step by step, held-out evaluations included (here on the CPU, where the
+/// flag works the same).
+#[test]
+fn padding_micro_batches_to_a_multiple_of_64_changes_nothing() {
+    let tiny = tiny_without_dropout("train-pad64-model");
+    let dir = scratch("train-pad64");
+    let (a, b) = (dir.join("exact"), dir.join("wide"));
+    let args = |out: &Path| {
+        with(
+            set(base_args(out, 3), "--model", tiny.to_str().unwrap()),
+            &["--lora-dropout", "0", "--eval-every", "3", "--save-every", "3"],
+        )
+    };
+    let o = run(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&with(args(&b), &["--pad-to-multiple", "64"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records = |d: &Path| metrics::read(&d.join("metrics.jsonl")).unwrap();
+    let (ra, rb) = (records(&a), records(&b));
+    assert_eq!(ra.len(), rb.len());
+    assert_eq!(ra.iter().filter(|r| r.split == "train").count(), 3);
+    assert!(ra.iter().any(|r| r.split == "valid" && r.step == 3));
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!((&x.split, x.step), (&y.split, y.step));
+        assert!(
+            (x.loss - y.loss).abs() < 1e-5,
+            "{} at {}: {} as is, {} widened to 64",
+            x.split,
+            x.step,
+            x.loss,
+            y.loss
+        );
+        assert_eq!((x.tokens, x.sequences), (y.tokens, y.sequences));
+    }
+    let o = run(&with(args(&dir.join("zero")), &["--pad-to-multiple", "0"]));
+    assert_fails_with(&o, "--pad-to-multiple");
+}
+
+/// `--packing` lays each micro-batch's examples end to end in rows, each example on its own
+/// (positions, attention, loss): without dropout (whose masks follow the layout) the run is the
+/// padded one, step by step, evaluation included, also when stopped and resumed.
+#[test]
+fn a_packed_run_is_the_padded_run_and_resumes() {
+    let tiny = tiny_without_dropout("train-packing-model");
     let dir = scratch("train-packing");
     let (a, b) = (dir.join("padded"), dir.join("packed"));
     let args = |out: &Path| {

@@ -9,6 +9,10 @@ mod common;
 
 type W = burn::backend::Wgpu<f32>;
 type H = burn::backend::Wgpu<half::f16>;
+/// `W` without fusion: where the padded tensors of `kernels/padded.rs` are built.
+type Inner = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
 
 #[path = "kernels/checks.rs"]
 mod checks;
+#[path = "kernels/padded.rs"]
+mod padded;

@@ -93,6 +93,33 @@ pub fn collate(examples: &[Example], pad_id: u32) -> HostBatch {
     b
 }
 
+/// Widens `b` to a multiple of `multiple` positions (pad = `pad_id`, attention mask 0, label
+/// [`IGNORE`]): padding the model and the loss already ignore, so the results are the same.
+/// GPU backends use it so that a run meets a few sequence lengths instead of one per batch
+/// (each new length can mean new kernels to compile and matmul shapes to tune).
+pub fn pad_to_multiple(b: HostBatch, multiple: usize, pad_id: u32) -> HostBatch {
+    let seq = b.seq.next_multiple_of(multiple.max(1));
+    if seq == b.seq {
+        return b;
+    }
+    let widen = |v: Vec<i64>, fill: i64| -> Vec<i64> {
+        let mut out = Vec::with_capacity(b.batch * seq);
+        for row in v.chunks(b.seq.max(1)).take(b.batch) {
+            out.extend_from_slice(row);
+            out.extend(std::iter::repeat_n(fill, seq - row.len()));
+        }
+        out.resize(b.batch * seq, fill);
+        out
+    };
+    HostBatch {
+        batch: b.batch,
+        seq,
+        input_ids: widen(b.input_ids, pad_id as i64),
+        attention_mask: widen(b.attention_mask, 0),
+        labels: widen(b.labels, IGNORE),
+    }
+}
+
 /// A packed batch on the host: rows of several examples laid end to end, padded to the
 /// longest row.
 #[derive(Debug, Clone, PartialEq)]
@@ -299,6 +326,30 @@ mod tests {
             len,
             truncated: false,
         }
+    }
+
+    #[test]
+    fn padding_to_a_multiple_adds_ignored_positions_only() {
+        let b = collate(&[example(3, 3, 1), example(5, 5, 2)], 7);
+        let wide = pad_to_multiple(b.clone(), 4, 7);
+        assert_eq!((wide.batch, wide.seq), (2, 8));
+        for r in 0..2 {
+            let (narrow, widened) = (r * 5..r * 5 + 5, r * 8..r * 8 + 8);
+            assert_eq!(
+                wide.input_ids[widened.clone()][..5],
+                b.input_ids[narrow.clone()]
+            );
+            assert_eq!(wide.labels[widened.clone()][..5], b.labels[narrow.clone()]);
+            assert_eq!(
+                wide.attention_mask[widened.clone()][..5],
+                b.attention_mask[narrow]
+            );
+            assert_eq!(wide.input_ids[widened.clone()][5..], [7, 7, 7]);
+            assert_eq!(wide.labels[widened.clone()][5..], [IGNORE; 3]);
+            assert_eq!(wide.attention_mask[widened][5..], [0; 3]);
+        }
+        assert_eq!(pad_to_multiple(b.clone(), 5, 7), b, "already a multiple");
+        assert_eq!(pad_to_multiple(b.clone(), 1, 7), b);
     }
 
     #[test]

@@ -71,12 +71,15 @@ impl<B: Nf4Backend> Attention<B> {
         // Scores and softmax in f32 even when the model runs in f16/bf16: phi-2's q.k products
         // overflow fp16 (HF upcasts here for the same reason).
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = q
-            .cast(FloatDType::F32)
-            .matmul(k.cast(FloatDType::F32).swap_dims(2, 3));
+        let scores = crate::ops::matmul(
+            q.cast(FloatDType::F32),
+            k.cast(FloatDType::F32).swap_dims(2, 3),
+        );
         let probs = crate::ops::attention_softmax(scores, ctx.mask.as_ref(), scale).cast(v.dtype());
         let probs = crate::ops::dropout(probs, self.attn_dropout.prob);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
+        let out = crate::ops::matmul(probs, v)
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
         self.dense.forward(out)
     }
 }

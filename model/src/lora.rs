@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 
@@ -184,12 +183,11 @@ impl<B: Backend> Lora<B> {
 impl<B: crate::ops::FusedOps> Lora<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let h = linear(
+        let h = crate::ops::linear(
             crate::ops::dropout(x, self.dropout.prob),
             self.a.val().cast(dtype),
-            None,
         );
-        linear(h, self.b.val().cast(dtype), None).mul_scalar(self.scaling)
+        crate::ops::linear(h, self.b.val().cast(dtype)).mul_scalar(self.scaling)
     }
 }
 

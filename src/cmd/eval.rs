@@ -88,6 +88,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 generate: args.generate,
                 max_new_tokens: args.max_new_tokens,
                 repetition_penalty: args.repetition_penalty,
+                pad_multiple: device.pad_multiple(),
             },
             generations: out_dir.as_ref().map(|d| d.join("generations.jsonl")),
             names: (

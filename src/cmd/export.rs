@@ -156,6 +156,7 @@ fn model_args(args: &ExportArgs) -> ModelArgs {
         device: crate::cli::DeviceArgs {
             device: None,
             dtype: None,
+            tf32: false,
         },
     }
 }

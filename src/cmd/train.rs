@@ -29,6 +29,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.peer_timeout == 0 {
         bail!("--peer-timeout must be at least 1 second");
     }
+    if args.pad_to_multiple == Some(0) {
+        bail!("--pad-to-multiple must be at least 1");
+    }
     let prepared = phitune_train::prepare(phitune_train::Request {
         config_file: args.config,
         flags: args.flags,
@@ -40,6 +43,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cuda: matches!(device, DeviceSpec::Cuda(_)),
         device_indices,
         peer_timeout: std::time::Duration::from_secs(args.peer_timeout),
+        pad_multiple: args.pad_to_multiple.unwrap_or(device.pad_multiple()),
     })?;
     let summary = dispatch(device, dtype, Train(prepared))?;
     eprintln!(

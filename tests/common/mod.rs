@@ -133,6 +133,7 @@ pub fn sample_batch<B: burn::tensor::backend::Backend>(
     phitune_train::lm::LmBatcher {
         pad_id: tok.eos_token_ids[0],
         pack: None,
+        pad_multiple: 1,
     }
     .batch(items, device)
 }

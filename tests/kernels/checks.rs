@@ -221,34 +221,60 @@ fn dropout_masks_are_the_cpus() {
     assert!((dropped - 0.3).abs() < 0.03, "dropped {dropped}");
 }
 
-/// An f32 matrix product is computed in f32: within f32 rounding of the CPU's (a TF32 or f16
-/// tensor-core path would be off by about 1e-3 of the magnitude), at a shape of phi-2's and at
-/// a ragged one.
+/// An f32 product of the model's (`ops::matmul`, which every product of the model goes
+/// through: frozen and dequantized NF4 weights, LoRA, attention) is computed in f32, forward and
+/// backward: within f32 rounding of the CPU's, where a TF32 or f16 tensor-core path would be off
+/// by about 1e-3 of the magnitude. Shapes of phi-2's (a projection, the attention's batched
+/// q k^T with a transposed operand) and ragged ones.
 #[test]
-fn f32_matmul_keeps_f32_precision() {
-    for (m, k, n) in [(96usize, 2560usize, 80usize), (7, 333, 65)] {
-        let a = host(m * k, 31, 1.0);
-        let b = host(k * n, 32, 1.0);
-        let on = |a: &[f32], b: &[f32]| -> (Vec<f32>, Vec<f32>) {
-            let d = Default::default();
-            let w = Tensor::<W, 2>::from_data(TensorData::new(a.to_vec(), [m, k]), &d).matmul(
-                Tensor::<W, 2>::from_data(TensorData::new(b.to_vec(), [k, n]), &d),
-            );
-            let d = Default::default();
-            let c = Tensor::<C, 2>::from_data(TensorData::new(a.to_vec(), [m, k]), &d).matmul(
-                Tensor::<C, 2>::from_data(TensorData::new(b.to_vec(), [k, n]), &d),
-            );
-            (values(w), values(c))
+fn f32_products_keep_f32_precision() {
+    fn side<BB: burn::tensor::backend::AutodiffBackend + ops::FusedOps, const D: usize>(
+        a: &[f32],
+        b: &[f32],
+        r: &[f32],
+        [sa, sb, so]: [[usize; D]; 3],
+        transpose_b: bool,
+    ) -> [Vec<f32>; 3] {
+        let d = Default::default();
+        let at = Tensor::<BB, D>::from_data(TensorData::new(a.to_vec(), sa), &d).require_grad();
+        let bt = Tensor::<BB, D>::from_data(TensorData::new(b.to_vec(), sb), &d).require_grad();
+        let rt = Tensor::<BB, D>::from_data(TensorData::new(r.to_vec(), so), &d);
+        let rhs = if transpose_b {
+            bt.clone().swap_dims(D - 2, D - 1)
+        } else {
+            bt.clone()
         };
-        let (w, c) = on(&a, &b);
-        let scale = c.iter().fold(0f32, |s, v| s.max(v.abs()));
-        assert_close(
-            &w,
-            &c,
-            2e-5 * scale,
-            &format!("{m}x{k}x{n} (largest |value| {scale})"),
-        );
+        let y = ops::matmul(at.clone(), rhs);
+        let grads = (y.clone() * rt).sum().backward();
+        [
+            values(y),
+            values(at.grad(&grads).unwrap()),
+            values(bt.grad(&grads).unwrap()),
+        ]
     }
+    fn check<const D: usize>(shapes: [[usize; D]; 3], transpose_b: bool) {
+        let n = |s: &[usize; D]| s.iter().product::<usize>();
+        let a = host(n(&shapes[0]), 31, 1.0);
+        let b = host(n(&shapes[1]), 32, 1.0);
+        let r = host(n(&shapes[2]), 33, 1.0);
+        let w = side::<AW, D>(&a, &b, &r, shapes, transpose_b);
+        let c = side::<AC, D>(&a, &b, &r, shapes, transpose_b);
+        for (i, what) in ["product", "lhs gradient", "rhs gradient"]
+            .iter()
+            .enumerate()
+        {
+            let scale = c[i].iter().fold(0f32, |s, v| s.max(v.abs()));
+            assert_close(
+                &w[i],
+                &c[i],
+                2e-5 * scale,
+                &format!("{what} of {shapes:?} (largest |value| {scale})"),
+            );
+        }
+    }
+    check([[96, 2560], [2560, 80], [96, 80]], false);
+    check([[7, 333], [333, 65], [7, 65]], false);
+    check([[2, 4, 59, 80], [2, 4, 59, 80], [2, 4, 59, 59]], true);
 }
 
 /// The layer norm (Burn's `var_mean_bias`, in f32) and the attention's softmax with a causal

@@ -87,6 +87,8 @@ pub struct Dashboard {
 
 impl Dashboard {
     pub fn new(interrupter: Interrupter, shape: RunShape) -> Self {
+        // The TUI draws the whole terminal from here: background status lines keep quiet.
+        phitune_model::io::set_terminal_taken(true);
         Self {
             tui: TuiMetricsRendererWrapper::new(interrupter, None),
             shape,
@@ -95,6 +97,12 @@ impl Dashboard {
                 micro_batch: 0,
             },
         }
+    }
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        phitune_model::io::set_terminal_taken(false);
     }
 }
 

@@ -44,6 +44,9 @@ pub struct EvalOptions {
     pub generate: usize,
     pub max_new_tokens: usize,
     pub repetition_penalty: f32,
+    /// Batches widened to a multiple of this many positions (64 on GPUs; see
+    /// [`LmBatcher::pad_multiple`]).
+    pub pad_multiple: usize,
 }
 
 /// The model without its adapter, to generate the same rows' replies with (`--compare-base`).
@@ -147,6 +150,7 @@ pub fn evaluate<B: Nf4Backend>(
     let batcher = LmBatcher {
         pad_id: tok.eos_token_ids[0],
         pack: None,
+        pad_multiple: opts.pad_multiple,
     };
     // Longest first: similar lengths per batch, and memory trouble shows at once.
     let mut order: Vec<usize> = (0..held.examples.len()).collect();

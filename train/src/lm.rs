@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
-use phitune_data::batch::{collate, pack};
+use phitune_data::batch::{collate, pack, pad_to_multiple};
 use phitune_data::prompt::{Example, IGNORE};
 use phitune_model::ops::Nf4Backend;
 use phitune_model::ops::cross_entropy;
@@ -74,6 +74,10 @@ pub struct LmBatcher {
     /// Pack the micro-batch's examples into rows of up to this many tokens (`--packing`);
     /// None pads each example to the longest.
     pub pack: Option<usize>,
+    /// Widen every micro-batch to a multiple of this many positions (1: none). GPU runs use
+    /// 64, so a run meets a few sequence lengths and compiles and tunes kernels for those
+    /// only; the extra positions are padding, which the mask and the loss ignore.
+    pub pad_multiple: usize,
 }
 
 impl<B: Backend> Batcher<B, Item, LmBatch<B>> for LmBatcher {
@@ -82,11 +86,19 @@ impl<B: Backend> Batcher<B, Item, LmBatch<B>> for LmBatcher {
         let examples: Vec<Example> = items.into_iter().map(|i| i.example).collect();
         let tokens = examples.iter().map(|e| e.len).sum();
         let (h, packing) = match self.pack {
-            None => (collate(&examples, self.pad_id), None),
+            None => (
+                pad_to_multiple(
+                    collate(&examples, self.pad_id),
+                    self.pad_multiple,
+                    self.pad_id,
+                ),
+                None,
+            ),
             Some(capacity) => {
                 let p = pack(&examples, self.pad_id, capacity);
-                let packing = Packing::new(p.rows, p.host.seq).expect("rows packed to fit");
-                (p.host, Some(packing))
+                let host = pad_to_multiple(p.host, self.pad_multiple, self.pad_id);
+                let packing = Packing::new(p.rows, host.seq).expect("rows packed to fit");
+                (host, Some(packing))
             }
         };
         let batch = LmBatch::from_host(

@@ -51,6 +51,9 @@ pub struct Request {
     pub device_indices: Vec<u16>,
     /// How long a rank waits for the others.
     pub peer_timeout: std::time::Duration,
+    /// Micro-batches are widened to a multiple of this many positions (see
+    /// [`LmBatcher::pad_multiple`]): 64 on GPUs, 1 on the CPU.
+    pub pad_multiple: usize,
 }
 
 /// Everything resolved on the host before touching a device.
@@ -69,6 +72,7 @@ pub struct Prepared {
     pub device_indices: Vec<u16>,
     /// `--peer-timeout`.
     pub peer_timeout: std::time::Duration,
+    pub pad_multiple: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -208,6 +212,7 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         cuda: req.cuda,
         device_indices: req.device_indices,
         peer_timeout: req.peer_timeout,
+        pad_multiple: req.pad_multiple.max(1),
     })
 }
 
@@ -379,6 +384,7 @@ where
     let batcher = LmBatcher {
         pad_id: p.pad_id,
         pack: c.packing.then_some(c.max_len),
+        pad_multiple: p.pad_multiple,
     };
     let train = DataLoaderBuilder::<AB, _, _>::new(batcher.clone())
         .batch_size(c.micro_batch)

@@ -25,4 +25,4 @@ pub mod safetensors;
 pub use adapter::Adapter;
 pub use checkpoint::Checkpoint;
 pub use files::{atomic_write, finish_output_dir, prepare_output_dir, read_small_file};
-pub use progress::progress_bar;
+pub use progress::{progress_bar, set_terminal_taken, terminal_taken};

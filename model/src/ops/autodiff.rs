@@ -10,13 +10,14 @@
 //!   seed (the backward re-derives the mask).
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::ops::{BoolTensor, FloatTensor, FloatTensorOps, IntTensor};
+use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::{CrossEntropy, FusedOps, Nf4Backend};
 
@@ -239,6 +240,33 @@ impl<B: FusedOps> Backward<B, 1> for AttentionSoftmaxBackward {
 }
 
 #[derive(Debug)]
+struct MatmulBackward;
+
+impl<B: FusedOps> Backward<B, 2> for MatmulBackward {
+    /// The operands, checkpointed (recomputed under activation checkpointing where they are
+    /// cheap), each kept only when the other one needs a gradient.
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ck: &mut Checkpointer) {
+        let [node_lhs, node_rhs] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (lhs, rhs) = ops.state;
+        let lhs: Option<FloatTensor<B>> = lhs.map(|id| ck.retrieve_node_output(id));
+        let rhs: Option<FloatTensor<B>> = rhs.map(|id| ck.retrieve_node_output(id));
+        let last_two = |t: FloatTensor<B>| {
+            let rank = t.shape().num_dims();
+            B::float_swap_dims(t, rank - 2, rank - 1)
+        };
+        if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
+            grads.register::<B>(node.id, B::matmul(grad.clone(), last_two(rhs)));
+        }
+        if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
+            grads.register::<B>(node.id, B::matmul(last_two(lhs), grad));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct GeluTanhBackward;
 
 impl<B: FusedOps> Backward<B, 1> for GeluTanhBackward {
@@ -254,6 +282,33 @@ impl<B: FusedOps> Backward<B, 1> for GeluTanhBackward {
 }
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !B::exact_matmul(lhs.primitive.dtype()) {
+            // Burn's own matmul and backward.
+            return <Self as FloatTensorOps<Self>>::float_matmul(lhs, rhs);
+        }
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        match MatmulBackward
+            .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+                prep.finish(
+                    (lhs_state, rhs_state),
+                    B::matmul(lhs.primitive, rhs.primitive),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::matmul(lhs.primitive, rhs.primitive)),
+        }
+    }
+
+    fn exact_matmul(dtype: DType) -> bool {
+        B::exact_matmul(dtype)
+    }
+
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> CrossEntropy<Self> {
         let inner = B::cross_entropy(logits.primitive.clone(), targets.clone());
         let lse = Self::from_inner(inner.lse.clone());

@@ -3,7 +3,7 @@
 //! fusion never splits it into generic tensor ops (and the NF4 dense weight never becomes a
 //! tensor fusion could keep alive).
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{DType, Element, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
@@ -20,8 +20,15 @@ enum Kind {
     CrossEntropyBackward,
     Gelu,
     GeluBackward,
-    Rope { inverse: bool },
-    Dropout { p: f64, seed: u64 },
+    Rope {
+        inverse: bool,
+    },
+    Dropout {
+        p: f64,
+        seed: u64,
+    },
+    /// A product of two float tensors on the backend's exact path (f32 without TF32).
+    ExactMatmul,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +92,11 @@ impl<B: FusionBackend + Nf4Backend> Operation<B::FusionRuntime> for ExtensionOp<
                 let ([x, cos, sin], [out]) = d.as_fixed();
                 let (x, cos, sin) = (float(h, x), float(h, cos), float(h, sin));
                 h.register_float_tensor::<B>(&out.id, B::rope(x, cos, sin, inverse));
+            }
+            Kind::ExactMatmul => {
+                let ([lhs, rhs], [out]) = d.as_fixed();
+                let (lhs, rhs) = (float(h, lhs), float(h, rhs));
+                h.register_float_tensor::<B>(&out.id, B::matmul(lhs, rhs));
             }
             Kind::Dropout { p, seed } => {
                 let ([x], [out]) = d.as_fixed();
@@ -178,6 +190,23 @@ impl<B: FusionBackend + Nf4Backend> Nf4Backend for Fusion<B> {
 }
 
 impl<B: FusionBackend + Nf4Backend> FusedOps for Fusion<B> {
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !B::exact_matmul(lhs.dtype) {
+            // Burn's matmul, which fusion may merge with the element-wise work around it.
+            return <Self as FloatTensorOps<Self>>::float_matmul(lhs, rhs);
+        }
+        let mut dims = lhs.shape.to_vec();
+        let n = rhs.shape[rhs.shape.num_dims() - 1];
+        *dims.last_mut().expect("a matrix") = n;
+        let out = (Shape::from(dims), lhs.dtype);
+        let [y] = register::<B, 1>(Kind::ExactMatmul, "exact_matmul", &[&lhs, &rhs], [out]);
+        y
+    }
+
+    fn exact_matmul(dtype: DType) -> bool {
+        B::exact_matmul(dtype)
+    }
+
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> CrossEntropy<Self> {
         let rows = Shape::from(vec![logits.shape[0]]);
         let [nll, lse, argmax] = register::<B, 3>(

@@ -35,7 +35,7 @@ pub mod reference;
 mod tests;
 
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
-use burn::tensor::{Bool, Int, Shape, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Bool, DType, Int, Shape, Tensor, TensorPrimitive, backend::Backend};
 
 pub use nf4_format::{Absmax, BLOCK, NF4_CODE, Nf4Host};
 
@@ -59,6 +59,100 @@ pub fn set_nf4_gemv_max_rows(rows: usize) {
     NF4_GEMV_MAX_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether f32 products may round their operands to TF32 (10-bit mantissa) on backends whose
+/// fast matmul does (CubeCL's tensor-core kernels on CUDA). Off by default, as PyTorch's
+/// `torch.backends.cuda.matmul.allow_tf32`: f32 means f32. `--tf32` turns it on for speed.
+static ALLOW_TF32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See [`set_allow_tf32`].
+pub fn allow_tf32() -> bool {
+    ALLOW_TF32.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Lets f32 products run on TF32 tensor cores (faster, ~5e-4 relative rounding of the operands)
+/// for the rest of the process.
+pub fn set_allow_tf32(allow: bool) {
+    ALLOW_TF32.store(allow, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The ops a GPU backend can send to their tensor-op form ([`reference`]) instead of its own
+/// kernel, named in `PHITUNE_REFERENCE_OPS` (comma-separated, or `all`): a bisection switch for
+/// when a device computes something wrong (`benches/gpu.sh` uses it to name the culprit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelOp {
+    /// The NF4 dequantize and GEMV kernels (the reference unpacks the codes with int ops).
+    Nf4,
+    /// The exact f32 matmul (the reference is Burn's autotuned matmul).
+    Matmul,
+    CrossEntropy,
+    Gelu,
+    Rope,
+    Dropout,
+}
+
+impl KernelOp {
+    pub const ALL: [KernelOp; 6] = [
+        KernelOp::Nf4,
+        KernelOp::Matmul,
+        KernelOp::CrossEntropy,
+        KernelOp::Gelu,
+        KernelOp::Rope,
+        KernelOp::Dropout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelOp::Nf4 => "nf4",
+            KernelOp::Matmul => "matmul",
+            KernelOp::CrossEntropy => "cross_entropy",
+            KernelOp::Gelu => "gelu",
+            KernelOp::Rope => "rope",
+            KernelOp::Dropout => "dropout",
+        }
+    }
+
+    /// Parses `PHITUNE_REFERENCE_OPS`' value: names separated by commas, or `all`.
+    pub fn parse_list(list: &str) -> Result<Vec<KernelOp>, String> {
+        let mut ops = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "all" {
+                ops.extend(Self::ALL);
+                continue;
+            }
+            match Self::ALL.iter().find(|op| op.name() == name) {
+                Some(&op) => ops.push(op),
+                None => {
+                    let known: Vec<&str> = Self::ALL.iter().map(|op| op.name()).collect();
+                    return Err(format!(
+                        "unknown op \"{name}\" (known: {}, all)",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Whether this op runs its tensor-op form (`PHITUNE_REFERENCE_OPS`, read once; the CLI
+    /// refuses a bad value before any work, see [`reference_ops_from_env`]).
+    pub fn uses_reference(self) -> bool {
+        reference_ops().contains(&self)
+    }
+}
+
+fn reference_ops() -> &'static [KernelOp] {
+    static OPS: std::sync::OnceLock<Vec<KernelOp>> = std::sync::OnceLock::new();
+    OPS.get_or_init(|| reference_ops_from_env().unwrap_or_default())
+}
+
+/// The ops `PHITUNE_REFERENCE_OPS` names (empty when unset), or why its value is bad.
+pub fn reference_ops_from_env() -> Result<Vec<KernelOp>, String> {
+    match std::env::var("PHITUNE_REFERENCE_OPS") {
+        Ok(list) => KernelOp::parse_list(&list).map_err(|e| format!("PHITUNE_REFERENCE_OPS: {e}")),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
 /// Frozen-weight linear algebra. `w` is always `[out, in]`; the NF4 form is 8 codes per
 /// 32-bit int element (element i in bits `4*(i%8)` of element `i/8`) plus one f32 absmax per
 /// 64 consecutive values of the row-major weight.
@@ -78,7 +172,7 @@ pub trait Nf4Backend: FusedOps {
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
         let w = Self::nf4_dequantize(packed, absmax, shape);
-        Self::float_matmul(x, Self::float_transpose(w))
+        Self::matmul(x, Self::float_transpose(w))
     }
 
     /// `dy [m, out] @ dequant(W) -> [m, in]` (the input gradient).
@@ -89,17 +183,17 @@ pub trait Nf4Backend: FusedOps {
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
         let w = Self::nf4_dequantize(packed, absmax, shape);
-        Self::float_matmul(dy, w)
+        Self::matmul(dy, w)
     }
 
     /// `x [m, in] @ W^T -> [m, out]` for a frozen dense `W [out, in]`.
     fn frozen_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_matmul(x, Self::float_transpose(w))
+        Self::matmul(x, Self::float_transpose(w))
     }
 
     /// `dy [m, out] @ W -> [m, in]`.
     fn frozen_matmul_t(dy: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_matmul(dy, w)
+        Self::matmul(dy, w)
     }
 
     /// The language-model head and its cross-entropy, over the rows that have a target only:
@@ -143,6 +237,22 @@ pub struct CrossEntropy<B: Backend> {
 
 /// Fused element-wise ops. Each default is the tensor-op form in [`reference`].
 pub trait FusedOps: Backend {
+    /// `lhs [..., m, k] @ rhs [..., k, n]` with equal batch dims: every product of the model
+    /// (frozen and dequantized NF4 weights, LoRA, attention) goes through here. Burn's
+    /// `float_matmul` unless [`exact_matmul`](Self::exact_matmul) says the backend has a path
+    /// of its own for the dtype.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
+    /// Whether [`matmul`](Self::matmul) of `dtype` operands takes the backend's own path
+    /// instead of `float_matmul`: on CubeCL, f32 without [`allow_tf32`] (Burn's autotuned
+    /// matmul would take f32 operands as TF32 on tensor cores). Autodiff then records its own
+    /// backward, whose products take the same path.
+    fn exact_matmul(_dtype: DType) -> bool {
+        false
+    }
+
     /// Cross-entropy of f32 `logits [n, vocab]` against `targets [n]`; a negative target is
     /// ignored. Only `nll` is differentiable (with respect to the logits).
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> CrossEntropy<Self> {
@@ -245,6 +355,24 @@ pub fn frozen_linear<B: Nf4Backend, const D: usize>(
     apply_2d(x, out, |x2| {
         B::frozen_matmul(x2, w.into_primitive().tensor())
     })
+}
+
+/// `lhs [..., m, k] @ rhs [..., k, n]` (equal batch dims) through [`FusedOps::matmul`].
+pub fn matmul<B: FusedOps, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::matmul(
+        lhs.into_primitive().tensor(),
+        rhs.into_primitive().tensor(),
+    )))
+}
+
+/// `x [..., in] @ w [in, out] -> [..., out]` through [`FusedOps::matmul`].
+pub fn linear<B: FusedOps, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    if !B::exact_matmul(x.dtype()) {
+        // Burn's own op (and its backward), as before there was an exact path.
+        return burn::tensor::module::linear(x, w, None);
+    }
+    let [_, out] = w.dims();
+    apply_2d(x, out, |x2| B::matmul(x2, w.into_primitive().tensor()))
 }
 
 /// `y + scale * (x a) b` over the last dim (`x [..., in]`, `y [..., out]`); see

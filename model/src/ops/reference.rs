@@ -122,6 +122,31 @@ pub fn rope<B: Backend>(
     out.into_primitive().tensor()
 }
 
+/// [`FusedOps::dropout_seeded`](super::FusedOps::dropout_seeded) with the mask computed on the
+/// host ([`super::dropout_keep`]) and uploaded: the same bits as every backend's kernel.
+pub fn dropout_seeded<B: Backend>(x: FloatTensor<B>, p: f64, seed: u64) -> FloatTensor<B> {
+    let like = x.clone();
+    let x = flat::<B>(x);
+    let n = x.dims()[0];
+    let (keys, threshold) = (super::dropout_keys(seed), super::dropout_threshold(p));
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|i| {
+            if super::dropout_keep(keys, i as u32, threshold) {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(mask, [n]), &x.device());
+    let dtype = x.dtype();
+    shaped_like(
+        (x.cast(burn::tensor::FloatDType::F32) * mask).cast(dtype),
+        &like,
+    )
+}
+
 /// Any shape, flattened.
 fn flat<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
     let n = t.shape().num_elements();
@@ -132,7 +157,7 @@ fn shaped_like<B: Backend>(t: Tensor<B, 1>, like: &FloatTensor<B>) -> FloatTenso
     B::float_reshape(t.into_primitive().tensor(), like.shape())
 }
 
-pub fn lora_add<B: Backend>(
+pub fn lora_add<B: super::FusedOps>(
     y: FloatTensor<B>,
     x: FloatTensor<B>,
     a: FloatTensor<B>,
@@ -142,8 +167,54 @@ pub fn lora_add<B: Backend>(
     let x: Tensor<B, 2> = float(x);
     let dtype = x.dtype();
     let (a, b): (Tensor<B, 2>, Tensor<B, 2>) = (float(a), float(b));
-    let delta = x.matmul(a.cast(dtype)).matmul(b.cast(dtype));
+    let delta = super::matmul(super::matmul(x, a.cast(dtype)), b.cast(dtype));
     (float::<B, 2>(y) + delta.mul_scalar(scale))
+        .into_primitive()
+        .tensor()
+}
+
+/// NF4's dense `[out, in]` weight from tensor ops only (int shifts and masks, a gather from the
+/// code book, a multiply by each block's absmax), in `dtype`: what the CubeCL backends run
+/// instead of their dequantize kernel under `PHITUNE_REFERENCE_OPS=nf4`.
+pub fn nf4_dequantize<B: Backend>(
+    packed: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    shape: [usize; 2],
+    dtype: burn::tensor::FloatDType,
+) -> FloatTensor<B> {
+    use burn::tensor::ElementConversion;
+    let packed: Tensor<B, 1, Int> = Tensor::from_primitive(packed);
+    let absmax: Tensor<B, 1> = float(absmax);
+    let device = packed.device();
+    let numel = shape[0] * shape[1];
+    let words = packed.dims()[0];
+    // Code j of word w (bits 4j..4j+4) is element 8w + j.
+    let codes: Vec<Tensor<B, 1, Int>> = (0..8)
+        .map(|j| {
+            packed
+                .clone()
+                .bitwise_right_shift_scalar((4 * j).elem())
+                .bitwise_and_scalar(15.elem())
+        })
+        .collect();
+    let codes = Tensor::stack::<2>(codes, 1)
+        .reshape([words * 8])
+        .narrow(0, 0, numel);
+    let book = Tensor::<B, 1>::from_data(
+        burn::tensor::TensorData::new(super::NF4_CODE.to_vec(), [16]),
+        &device,
+    );
+    let values = book.select(0, codes);
+    let blocks = absmax.dims()[0];
+    let scales = absmax
+        .cast(burn::tensor::FloatDType::F32)
+        .reshape([blocks, 1])
+        .expand([blocks, super::BLOCK])
+        .reshape([blocks * super::BLOCK])
+        .narrow(0, 0, numel);
+    (values.cast(burn::tensor::FloatDType::F32) * scales)
+        .cast(dtype)
+        .reshape(shape)
         .into_primitive()
         .tensor()
 }

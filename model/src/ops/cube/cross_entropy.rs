@@ -8,7 +8,9 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise, fixed_plane, in_dtype, per_row, row_threads};
+use burn_cubecl::kernel::into_contiguous;
+
+use super::{alloc, contiguous_in, elementwise, fixed_plane, per_row, row_threads};
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -140,11 +142,13 @@ fn backward_kernel<F: Float, I: Int>(
     out[pos] = F::cast_from(value);
 }
 
-/// `(nll [n], lse [n], argmax [n])` of contiguous `logits [n, vocab]` against `targets [n]`.
+/// `(nll [n], lse [n], argmax [n])` of `logits [n, vocab]` against `targets [n]`.
 pub(super) fn forward<R: CubeRuntime>(
     logits: CubeTensor<R>,
     targets: CubeTensor<R>,
 ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let dtype = logits.dtype;
+    let (logits, targets) = (contiguous_in(logits, dtype), into_contiguous(targets));
     let shape = logits.meta.shape().clone();
     let (rows, vocab) = (shape[0], shape[1]);
     let (fdt, idt): (DType, DType) = (logits.dtype, targets.dtype);
@@ -185,7 +189,8 @@ pub(super) fn backward<R: CubeRuntime>(
     let shape = logits.meta.shape().clone();
     let (rows, vocab) = (shape[0], shape[1]);
     let (fdt, idt) = (logits.dtype, targets.dtype);
-    let (lse, grad) = (in_dtype(lse, fdt), in_dtype(grad, fdt));
+    let (logits, targets) = (contiguous_in(logits, fdt), into_contiguous(targets));
+    let (lse, grad) = (contiguous_in(lse, fdt), contiguous_in(grad, fdt));
     let out = alloc(&logits, &[rows, vocab], fdt);
     let (count, dim) = elementwise(&logits, rows * vocab);
     let client = logits.client.clone();

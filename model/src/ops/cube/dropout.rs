@@ -6,7 +6,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise};
+use super::{alloc, contiguous_in, elementwise};
 use crate::ops::{dropout_keys, dropout_threshold};
 
 /// [`crate::ops::mix32`] in a kernel.
@@ -43,6 +43,8 @@ fn dropout_kernel<F: Float>(
 }
 
 pub(super) fn apply<R: CubeRuntime>(x: CubeTensor<R>, p: f64, seed: u64) -> CubeTensor<R> {
+    let dtype = x.dtype;
+    let x = contiguous_in(x, dtype);
     let shape = x.meta.shape().to_vec();
     let out = alloc(&x, &shape, x.dtype);
     let [k0, k1] = dropout_keys(seed);

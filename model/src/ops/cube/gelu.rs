@@ -5,7 +5,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise, in_dtype};
+use super::{alloc, contiguous_in, elementwise};
 use crate::ops::reference::{GELU_C, SQRT_2_OVER_PI};
 
 /// `tanh(sqrt(2/pi) (x + 0.044715 x^3))`. The argument is clamped to +-15, where tanh is 1
@@ -45,6 +45,8 @@ fn backward_kernel<F: Float>(
 }
 
 pub(super) fn forward<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    let dtype = x.dtype;
+    let x = contiguous_in(x, dtype);
     let shape = x.meta.shape().to_vec();
     let out = alloc(&x, &shape, x.dtype);
     let (count, dim) = elementwise(&x, out.meta.shape().num_elements());
@@ -61,8 +63,10 @@ pub(super) fn forward<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
 }
 
 pub(super) fn backward<R: CubeRuntime>(x: CubeTensor<R>, grad: CubeTensor<R>) -> CubeTensor<R> {
+    let dtype = x.dtype;
+    let x = contiguous_in(x, dtype);
     let shape = x.meta.shape().to_vec();
-    let grad = in_dtype(grad, x.dtype);
+    let grad = contiguous_in(grad, x.dtype);
     let out = alloc(&x, &shape, x.dtype);
     let (count, dim) = elementwise(&x, out.meta.shape().num_elements());
     let (client, dtype) = (x.client.clone(), x.dtype);

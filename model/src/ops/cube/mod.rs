@@ -4,6 +4,7 @@
 //!
 //! | file | op |
 //! |---|---|
+//! | `matmul.rs` | exact f32 products (no TF32): cubek's unit matmul, launched directly |
 //! | `nf4.rs` | NF4 dequantize (whole 32-bit words per thread), the decode GEMV, the dispatch |
 //! | `cross_entropy.rs` | the loss over the vocabulary: one cube per row forward, one pass backward |
 //! | `gelu.rs` | `gelu_new` and its derivative |
@@ -17,10 +18,11 @@
 mod cross_entropy;
 mod dropout;
 mod gelu;
+mod matmul;
 mod nf4;
 mod rope;
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
@@ -29,7 +31,7 @@ use cubecl::features::Plane;
 use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::{CrossEntropy, FusedOps};
+use super::{CrossEntropy, FusedOps, KernelOp, reference};
 
 /// A contiguous tensor of `shape` and `dtype` on `like`'s device, uninitialised.
 fn alloc<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) -> CubeTensor<R> {
@@ -44,13 +46,17 @@ fn alloc<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) ->
     )
 }
 
-/// `t` in `dtype` (a kernel reads all its float inputs in one dtype).
-fn in_dtype<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
-    if t.dtype == dtype {
+/// `t` in `dtype` and contiguous (a kernel reads all its float inputs in one dtype, indexing
+/// them as row-major). The cast comes first: on CUDA a cast's output can have padded rows
+/// (cubecl-cuda allocates pitched), so making the input contiguous before casting would hand
+/// the kernel a padded tensor it reads as contiguous.
+fn contiguous_in<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    let t = if t.dtype == dtype {
         t
     } else {
         burn_cubecl::kernel::cast(t, dtype)
-    }
+    };
+    into_contiguous(t)
 }
 
 /// Launch dimensions for one thread per element of `numel`.
@@ -90,9 +96,23 @@ fn row_threads<R: CubeRuntime>(like: &CubeTensor<R>) -> usize {
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps
     for CubeBackend<R, F, I, BT>
 {
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        if matmul::is_exact(lhs.dtype) {
+            matmul::exact(lhs, rhs)
+        } else {
+            Self::float_matmul(lhs, rhs)
+        }
+    }
+
+    fn exact_matmul(dtype: DType) -> bool {
+        matmul::is_exact(dtype)
+    }
+
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> CrossEntropy<Self> {
-        let (nll, lse, argmax) =
-            cross_entropy::forward(into_contiguous(logits), into_contiguous(targets));
+        if KernelOp::CrossEntropy.uses_reference() {
+            return reference::cross_entropy::<Self>(logits, targets);
+        }
+        let (nll, lse, argmax) = cross_entropy::forward(logits, targets);
         CrossEntropy { nll, lse, argmax }
     }
 
@@ -102,20 +122,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        cross_entropy::backward(
-            into_contiguous(logits),
-            into_contiguous(targets),
-            into_contiguous(lse),
-            into_contiguous(grad),
-        )
+        if KernelOp::CrossEntropy.uses_reference() {
+            return reference::cross_entropy_backward::<Self>(logits, targets, lse, grad);
+        }
+        cross_entropy::backward(logits, targets, lse, grad)
     }
 
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        gelu::forward(into_contiguous(x))
+        if KernelOp::Gelu.uses_reference() {
+            return reference::gelu_tanh::<Self>(x);
+        }
+        gelu::forward(x)
     }
 
     fn gelu_tanh_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        gelu::backward(into_contiguous(x), into_contiguous(grad))
+        if KernelOp::Gelu.uses_reference() {
+            return reference::gelu_tanh_backward::<Self>(x, grad);
+        }
+        gelu::backward(x, grad)
     }
 
     fn rope(
@@ -124,12 +148,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps
         sin: FloatTensor<Self>,
         inverse: bool,
     ) -> FloatTensor<Self> {
-        rope::rotate(
-            into_contiguous(x),
-            into_contiguous(cos),
-            into_contiguous(sin),
-            inverse,
-        )
+        if KernelOp::Rope.uses_reference() {
+            return reference::rope::<Self>(x, cos, sin, inverse);
+        }
+        rope::rotate(x, cos, sin, inverse)
     }
 
     fn has_seeded_dropout() -> bool {
@@ -137,6 +159,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps
     }
 
     fn dropout_seeded(x: FloatTensor<Self>, p: f64, seed: u64) -> FloatTensor<Self> {
-        dropout::apply(into_contiguous(x), p, seed)
+        if KernelOp::Dropout.uses_reference() {
+            return reference::dropout_seeded::<Self>(x, p, seed);
+        }
+        dropout::apply(x, p, seed)
     }
 }

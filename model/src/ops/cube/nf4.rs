@@ -20,8 +20,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise, fixed_plane, in_dtype};
-use crate::ops::{BLOCK, NF4_CODE, Nf4Backend, nf4_gemv_max_rows};
+use super::{alloc, contiguous_in, elementwise, fixed_plane};
+use crate::ops::{BLOCK, FusedOps, KernelOp, NF4_CODE, Nf4Backend, nf4_gemv_max_rows, reference};
 
 /// Lanes per output feature in the GEMV (a plane on CUDA).
 const LANES: usize = 32;
@@ -163,7 +163,7 @@ fn lut<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
 
 /// absmax as a contiguous f32 tensor, whatever dtype it arrived in.
 fn absmax_f32<R: CubeRuntime>(absmax: CubeTensor<R>) -> CubeTensor<R> {
-    into_contiguous(in_dtype(absmax, DType::F32))
+    contiguous_in(absmax, DType::F32)
 }
 
 /// The dense `[out, in]` weight in `dtype`.
@@ -173,6 +173,14 @@ fn dequantize<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     shape: [usize; 2],
     dtype: DType,
 ) -> CubeTensor<R> {
+    if KernelOp::Nf4.uses_reference() {
+        return reference::nf4_dequantize::<CubeBackend<R, F, I, BT>>(
+            packed,
+            absmax,
+            shape,
+            dtype.into(),
+        );
+    }
     let packed = into_contiguous(packed);
     let absmax = absmax_f32(absmax);
     let lut = lut::<R, F, I, BT>(&packed.device);
@@ -250,12 +258,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
         let m = x.meta.shape().num_elements() / shape[1];
-        if m < nf4_gemv_max_rows() {
+        if m < nf4_gemv_max_rows() && !KernelOp::Nf4.uses_reference() {
             return gemv::<R, F, I, BT>(x, packed, absmax, shape);
         }
         // The transient dense weight, dropped (back to the pool) once the product is queued.
         let w = dequantize::<R, F, I, BT>(packed, absmax, shape, x.dtype);
-        Self::float_matmul(x, Self::float_transpose(w))
+        Self::matmul(x, Self::float_transpose(w))
     }
 
     fn nf4_matmul_t(
@@ -265,6 +273,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Backend
         shape: [usize; 2],
     ) -> FloatTensor<Self> {
         let w = dequantize::<R, F, I, BT>(packed, absmax, shape, dy.dtype);
-        Self::float_matmul(dy, w)
+        Self::matmul(dy, w)
     }
 }

@@ -5,7 +5,7 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{alloc, elementwise, in_dtype};
+use super::{alloc, contiguous_in, elementwise};
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -56,7 +56,8 @@ pub(super) fn rotate<R: CubeRuntime>(
     let (heads, head_dim) = (shape[2], shape[3]);
     let (table_rows, dim) = (cos.meta.shape()[0], cos.meta.shape()[1]);
     let dtype = x.dtype;
-    let (cos, sin) = (in_dtype(cos, dtype), in_dtype(sin, dtype));
+    let x = contiguous_in(x, dtype);
+    let (cos, sin) = (contiguous_in(cos, dtype), contiguous_in(sin, dtype));
     let out = alloc(&x, &shape, dtype);
     let (count, cube_dim) = elementwise(&x, out.meta.shape().num_elements());
     let client = x.client.clone();
