@@ -170,11 +170,13 @@ impl log::Log for CubeclLog {
     fn flush(&self) {}
 }
 
-/// The reporter: while CubeCL compiles or tunes, a status on stderr (one line rewritten in a
-/// terminal, a line every 10 s otherwise); a summary line once it has been quiet for 3 s.
+/// The reporter: once CubeCL has been compiling or tuning for 2 s, a status on stderr (one line
+/// rewritten in a terminal, a line every 10 s otherwise), and a summary line once it has been
+/// quiet for 3 s. Shorter bursts (a kernel or two for a new shape) pass silently.
 fn report() {
     let tty = std::io::stderr().is_terminal();
-    let mut busy_since: Option<u64> = None;
+    let mut burst: Option<u64> = None;
+    let mut announced = false;
     let mut last_line = 0u64;
     let mut base = Counts::default();
     loop {
@@ -183,59 +185,54 @@ fn report() {
         if last == 0 {
             continue;
         }
-        let now = now_ms();
-        let c = counts();
+        let (now, c) = (now_ms(), counts());
+        let active = now.saturating_sub(last) < 3000;
         let quiet = phitune_model::io::terminal_taken();
-        match busy_since {
-            None if now - last < 3000 && c != base => {
-                busy_since = Some(last);
-                if !quiet {
-                    let first = !REPORTED.swap(true, Ordering::Relaxed);
-                    eprintln!(
-                        "preparing GPU kernels: compiling and tuning{} (cached in {})",
-                        if first && c.cached == 0 {
-                            ", first run on this GPU only"
-                        } else {
-                            " for new shapes"
-                        },
-                        cache_dir().map_or("no directory: PHITUNE_CACHE=off".into(), |d| d
-                            .display()
-                            .to_string())
-                    );
+        let since = *burst.get_or_insert(now);
+        if !active {
+            if announced && !quiet {
+                if tty {
+                    eprint!("\r\x1b[2K");
                 }
-                last_line = now;
-            }
-            Some(since) if now - last >= 3000 => {
-                if !quiet {
-                    if tty {
-                        eprint!("\r\x1b[2K");
-                    }
-                    eprintln!(
-                        "GPU kernels ready: {} compiled, {} shapes tuned in {:.0} s",
-                        c.compiled - base.compiled,
-                        c.tuned - base.tuned,
-                        (last - since) as f64 / 1000.0
-                    );
-                }
-                busy_since = None;
-                base = c;
-            }
-            Some(since) if !quiet && (tty || now - last_line >= 10_000) => {
-                let line = format!(
-                    "  {} kernels compiled, {} shapes tuned ({:.0} s)",
+                eprintln!(
+                    "GPU kernels ready: {} compiled, {} shapes tuned in {:.0} s",
                     c.compiled - base.compiled,
                     c.tuned - base.tuned,
-                    (now - since) as f64 / 1000.0
+                    (last.saturating_sub(since)) as f64 / 1000.0
                 );
-                if tty {
-                    eprint!("\r\x1b[2K{line}");
-                    let _ = std::io::stderr().flush();
-                } else {
-                    eprintln!("{line}");
-                }
-                last_line = now;
             }
-            _ => {}
+            (burst, announced, base) = (None, false, c);
+            continue;
+        }
+        if !announced && now - since >= 2000 && !quiet {
+            let first = !REPORTED.swap(true, Ordering::Relaxed) && c.cached == 0;
+            let dir = cache_dir().map_or("not kept: PHITUNE_CACHE=off".into(), |d| {
+                d.display().to_string()
+            });
+            if first {
+                eprintln!(
+                    "preparing GPU kernels: compiling and tuning, first run on this GPU only (cache: {dir})"
+                );
+            } else {
+                eprintln!(
+                    "preparing GPU kernels: compiling and tuning for shapes not met before (cache: {dir})"
+                );
+            }
+            (announced, last_line) = (true, now);
+        } else if announced && !quiet && (tty || now - last_line >= 10_000) {
+            let line = format!(
+                "  {} kernels compiled, {} shapes tuned ({:.0} s)",
+                c.compiled - base.compiled,
+                c.tuned - base.tuned,
+                (now - since) as f64 / 1000.0
+            );
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{line}");
+            }
+            last_line = now;
         }
     }
 }

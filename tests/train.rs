@@ -624,6 +624,33 @@ fn tiny_without_dropout(name: &str) -> std::path::PathBuf {
     tiny
 }
 
+/// The runs in `a` and `b` logged the same records (train steps and evaluations): losses within
+/// 1e-5, the same real tokens and examples (never padding or rows). Returns `a`'s records.
+fn assert_same_run(a: &Path, b: &Path, names: (&str, &str)) -> Vec<Record> {
+    let records = |d: &Path| metrics::read(&d.join("metrics.jsonl")).unwrap();
+    let (ra, rb) = (records(a), records(b));
+    assert_eq!(ra.len(), rb.len());
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!((&x.split, x.step), (&y.split, y.step));
+        assert!(
+            (x.loss - y.loss).abs() < 1e-5,
+            "{} at {}: {} {}, {} {}",
+            x.split,
+            x.step,
+            x.loss,
+            names.0,
+            y.loss,
+            names.1
+        );
+        assert_eq!(
+            (x.tokens, x.sequences),
+            (y.tokens, y.sequences),
+            "real tokens and examples, never padding or rows"
+        );
+    }
+    ra
+}
+
 /// GPU runs widen every micro-batch to a multiple of 64 positions (fewer shapes to compile and
 /// tune for); the extra positions are padding, which the mask and the loss ignore: the run is
 /// the unwidened one, step by step, held-out evaluations included (here on the CPU, where the
@@ -636,30 +663,23 @@ fn padding_micro_batches_to_a_multiple_of_64_changes_nothing() {
     let args = |out: &Path| {
         with(
             set(base_args(out, 3), "--model", tiny.to_str().unwrap()),
-            &["--lora-dropout", "0", "--eval-every", "3", "--save-every", "3"],
+            &[
+                "--lora-dropout",
+                "0",
+                "--eval-every",
+                "3",
+                "--save-every",
+                "3",
+            ],
         )
     };
     let o = run(&args(&a));
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&with(args(&b), &["--pad-to-multiple", "64"]));
     assert!(o.status.success(), "{}", stderr(&o));
-    let records = |d: &Path| metrics::read(&d.join("metrics.jsonl")).unwrap();
-    let (ra, rb) = (records(&a), records(&b));
-    assert_eq!(ra.len(), rb.len());
+    let ra = assert_same_run(&a, &b, ("as is", "widened to 64"));
     assert_eq!(ra.iter().filter(|r| r.split == "train").count(), 3);
     assert!(ra.iter().any(|r| r.split == "valid" && r.step == 3));
-    for (x, y) in ra.iter().zip(&rb) {
-        assert_eq!((&x.split, x.step), (&y.split, y.step));
-        assert!(
-            (x.loss - y.loss).abs() < 1e-5,
-            "{} at {}: {} as is, {} widened to 64",
-            x.split,
-            x.step,
-            x.loss,
-            y.loss
-        );
-        assert_eq!((x.tokens, x.sequences), (y.tokens, y.sequences));
-    }
     let o = run(&with(args(&dir.join("zero")), &["--pad-to-multiple", "0"]));
     assert_fails_with(&o, "--pad-to-multiple");
 }
@@ -722,27 +742,9 @@ fn a_packed_run_is_the_padded_run_and_resumes() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
-    let records = |d: &Path| metrics::read(&d.join("metrics.jsonl")).unwrap();
-    let (ra, rb) = (records(&a), records(&b));
-    assert_eq!(ra.len(), rb.len());
+    let ra = assert_same_run(&a, &b, ("padded", "packed"));
     assert_eq!(ra.iter().filter(|r| r.split == "train").count(), 4);
     assert!(ra.iter().filter(|r| r.split == "valid").count() >= 2);
-    for (x, y) in ra.iter().zip(&rb) {
-        assert_eq!((&x.split, x.step), (&y.split, y.step));
-        assert!(
-            (x.loss - y.loss).abs() < 1e-5,
-            "{} at {}: {} padded, {} packed",
-            x.split,
-            x.step,
-            x.loss,
-            y.loss
-        );
-        assert_eq!(
-            (x.tokens, x.sequences),
-            (y.tokens, y.sequences),
-            "real tokens and examples, never padding or rows"
-        );
-    }
 }
 
 /// Resuming on data that changed since the checkpoint would silently train on other examples.

@@ -240,6 +240,10 @@ fn chat_answers_one_turn() {
                 "8",
             ])
             .env("HF_HUB_OFFLINE", "1")
+            .env(
+                "PHITUNE_CACHE",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("phitune-cache"),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -197,7 +197,8 @@ pub fn pack_lengths(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
 }
 
 /// How well micro-batches of `micro_batch` consecutive lengths fill the positions they feed,
-/// padded to the longest (`pack` None) or packed into rows of `pack` tokens.
+/// padded to the longest (`pack` None) or packed into rows of `pack` tokens, and widened to a
+/// multiple of `pad_multiple` positions ([`pad_to_multiple`]; 1: not widened).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fill {
     /// Real tokens over positions fed.
@@ -206,7 +207,12 @@ pub struct Fill {
     pub per_row: f64,
 }
 
-pub fn fill(lengths: &[usize], micro_batch: usize, pack: Option<usize>) -> Fill {
+pub fn fill(
+    lengths: &[usize],
+    micro_batch: usize,
+    pack: Option<usize>,
+    pad_multiple: usize,
+) -> Fill {
     let (mut real, mut positions, mut rows) = (0, 0, 0);
     for b in lengths.chunks(micro_batch.max(1)) {
         real += b.iter().sum::<usize>();
@@ -223,7 +229,7 @@ pub fn fill(lengths: &[usize], micro_batch: usize, pack: Option<usize>) -> Fill 
             }
         };
         rows += r;
-        positions += r * seq;
+        positions += r * seq.next_multiple_of(pad_multiple.max(1));
     }
     Fill {
         real: real as f64 / positions.max(1) as f64,
@@ -383,10 +389,11 @@ mod tests {
         assert_eq!(labels[6..], [401, 402, 403]);
         // The estimate the run prints agrees.
         let lengths = [5, 9, 3, 4, 2];
-        let f = fill(&lengths, 5, Some(10));
+        let f = fill(&lengths, 5, Some(10), 1);
         assert_eq!((f.real, f.per_row), (23.0 / 27.0, 5.0 / 3.0));
-        assert_eq!(fill(&lengths, 5, None).real, 23.0 / 45.0);
-        assert_eq!(fill(&lengths, 2, None).real, 23.0 / (18 + 8 + 2) as f64);
+        assert_eq!(fill(&lengths, 5, None, 1).real, 23.0 / 45.0);
+        assert_eq!(fill(&lengths, 2, None, 1).real, 23.0 / (18 + 8 + 2) as f64);
+        assert_eq!(fill(&lengths, 2, None, 4).real, 23.0 / (24 + 8 + 4) as f64);
         // An example longer than the capacity still gets a row of its own.
         assert_eq!(pack(&ex, 7, 4).rows[0], [9]);
         assert_eq!(pack(&[], 7, 10).host.batch, 0);

@@ -56,6 +56,11 @@ pub fn phitune_with_hf_home(args: &[&str], hf_home: &Path) -> Output {
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", hf_home)
+        // GPU kernel caches under the target dir, not the user's ~/.cache.
+        .env(
+            "PHITUNE_CACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("phitune-cache"),
+        )
         .output()
         .expect("run phitune")
 }

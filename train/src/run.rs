@@ -380,7 +380,7 @@ where
         (start_step * seqs) as u64,
         remaining,
     );
-    report_fill(&stream, c);
+    report_fill(&stream, c, p.pad_multiple);
     let batcher = LmBatcher {
         pad_id: p.pad_id,
         pack: c.packing.then_some(c.max_len),
@@ -399,7 +399,7 @@ where
 
 /// One line on how full the micro-batches ahead are (over up to one pass of the stream), padded
 /// and packed, so the choice of `--packing` is an informed one.
-fn report_fill(stream: &TrainStream, c: &TrainConfig) {
+fn report_fill(stream: &TrainStream, c: &TrainConfig, pad_multiple: usize) {
     use burn::data::dataset::Dataset;
     let n = stream
         .len()
@@ -407,8 +407,13 @@ fn report_fill(stream: &TrainStream, c: &TrainConfig) {
     let lengths: Vec<usize> = (0..n)
         .filter_map(|i| stream.get(i).map(|item| item.example.len))
         .collect();
-    let padded = fill(&lengths, c.micro_batch, None);
-    let packed = fill(&lengths, c.micro_batch, Some(c.max_len));
+    let padded = fill(&lengths, c.micro_batch, None, pad_multiple);
+    let packed = fill(&lengths, c.micro_batch, Some(c.max_len), pad_multiple);
+    if pad_multiple > 1 {
+        eprintln!(
+            "batches: widened to multiples of {pad_multiple} positions (fewer shapes for the GPU to compile and tune; padding, ignored by the loss)"
+        );
+    }
     if c.packing {
         eprintln!(
             "batches: {} examples per micro-batch packed into rows of up to {} tokens: {:.2} examples per row, {:.0}% of positions are real tokens (padded: {:.0}%)",

@@ -1,5 +1,8 @@
 //! `Autodiff<B>`: the hand-written backwards of every op.
 //!
+//! - Products ([`FusedOps::matmul`]) on a backend's own exact path: both operands' gradients,
+//!   through the same path; the operands are checkpointed as Burn's own matmul does (otherwise
+//!   Burn's matmul and backward are used as they are).
 //! - Frozen-weight products: only the input gets a gradient (the weight is frozen); the saved
 //!   state is the packed NF4 codes and absmax (or the frozen dense weight, which exists anyway),
 //!   never a dequantized copy and never the input.

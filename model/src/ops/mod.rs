@@ -6,7 +6,8 @@
 //!   `x @ W^T`: NF4 4-bit weights (QLoRA), which take the packed codes and absmax so the dense
 //!   weight is never materialised (except by `nf4_dequantize`, for merging and tests), and dense
 //!   frozen weights. It is the one bound the model code needs (it implies [`FusedOps`]).
-//! - [`FusedOps`]: element-wise work in one pass forward and one backward, where Burn's
+//! - [`FusedOps`]: every product of the model ([`FusedOps::matmul`]: f32 kept f32 where Burn's
+//!   matmul would round to TF32), and element-wise work in one pass forward and one backward, where Burn's
 //!   tensor-op forms walk their tensors once per op and allocate a temporary each time: the
 //!   language-model cross-entropy over the vocabulary, `gelu_new`, the rotary embedding, the
 //!   attention's scaled, masked softmax and dropout with a mask hashed from a seed and the
@@ -18,7 +19,7 @@
 //! |---|---|
 //! | `reference.rs` | the tensor-op forms: every op's default, and what the kernels are tested against |
 //! | `ndarray/` | the CPU (`NdArray`): one file per op (`nf4.rs`, `cross_entropy.rs`, `gelu.rs`, `rope.rs`, `softmax.rs`, `dropout.rs`), multi-threaded, no copies of weights |
-//! | `cube/` | CubeCL (CUDA, wgpu): `#[cube]` kernels and their launchers (feature `cube`) |
+//! | `cube/` | CubeCL (CUDA, wgpu): `#[cube]` kernels and their launchers (feature `cube`); `PHITUNE_REFERENCE_OPS` ([`KernelOp`]) sends any of them to its `reference.rs` form |
 //! | `fusion.rs` | `Fusion<B>` (what `Cuda`/`Wgpu` are with fusion on): each op registered as a custom operation |
 //! | `autodiff.rs` | `Autodiff<B>`: the hand-written backwards of every op |
 //! | `nf4_format.rs` | NF4's host format: quantize, double quant, bitsandbytes' layout, export |
