@@ -122,8 +122,12 @@ fn configure_cubecl(root: Option<PathBuf>) {
     // not re-export; named through its serde form).
     config.compilation.logger.log = serde_json::from_str("\"info\"").ok();
     config.autotune.logger.log = serde_json::from_str("\"info\"").ok();
-    // Only possible before CubeCL has read its configuration: `setup` runs before any device.
-    let _ = std::panic::catch_unwind(|| CubeClRuntimeConfig::set(config));
+    // Only possible before CubeCL has read its configuration (`set` panics after): `setup` runs
+    // before any device exists, so this is the first time.
+    let unread = CubeClRuntimeConfig::storage().lock().is_none();
+    if unread {
+        CubeClRuntimeConfig::set(config);
+    }
 }
 
 #[cfg(not(any(feature = "cuda-backend", feature = "wgpu")))]
