@@ -44,6 +44,15 @@ impl DeviceSpec {
         }
     }
 
+    /// The same kind of device, number `index` (the CPU has one).
+    pub fn with_index(self, index: usize) -> Self {
+        match self {
+            DeviceSpec::Cpu => DeviceSpec::Cpu,
+            DeviceSpec::Cuda(_) => DeviceSpec::Cuda(index),
+            DeviceSpec::Wgpu(_) => DeviceSpec::Wgpu(Some(index)),
+        }
+    }
+
     /// The device's index among those of its kind (0 for the CPU and a default wgpu adapter).
     pub fn index(&self) -> u16 {
         match *self {

@@ -1,6 +1,7 @@
 //! `train`: the fine-tune (see phitune-train), on the device the flags pick.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use phitune_model::ops::Nf4Backend;
@@ -9,8 +10,45 @@ use crate::backend::{DeviceSpec, Job, dispatch};
 use crate::cli::TrainArgs;
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let dashboard = !args.no_dashboard && std::io::stdout().is_terminal();
+    if args.peer_timeout == 0 {
+        bail!("--peer-timeout must be at least 1 second");
+    }
+    // Under mpirun / srun: this process's rank among the run's (one process otherwise).
+    let world = Arc::new(phitune_train::World::from_launcher(
+        std::time::Duration::from_secs(args.peer_timeout),
+    )?);
+    let result = run_in(args, world.clone());
+    match result {
+        // The ranks reached that error together: rank 0 says it, once.
+        Err(e) if !world.is_root() && e.is::<phitune_train::SharedError>() => {
+            drop(world);
+            std::process::exit(1)
+        }
+        // A failure of this process alone: said here, then the whole job ends (the other ranks
+        // would otherwise wait for it until their timeout).
+        Err(e) if world.is_distributed() && !e.is::<phitune_train::SharedError>() => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!(
+                "error: rank {}: {}",
+                world.rank(),
+                chain.join(": ").replace('\n', " ")
+            );
+            world.abort()
+        }
+        other => other,
+    }
+}
+
+fn run_in(args: TrainArgs, world: Arc<phitune_train::World>) -> Result<()> {
+    // Under an MPI launcher a rank's stdout is the launcher's forwarding, not the user's
+    // terminal (keys never reach it): rank 0 prints plain lines (the whole run's tokens/s).
+    let dashboard =
+        !args.no_dashboard && std::io::stdout().is_terminal() && !world.is_distributed();
     let (mut device, dtype) = args.device.resolve();
+    if world.is_distributed() && args.device.device.is_none() {
+        // One process per device, as torchrun: the rank's index on its machine.
+        device = device.with_index(phitune_train::world::local_rank());
+    }
     let device_indices = match args.devices.split_first() {
         None => Vec::new(),
         Some((&first, rest)) => {
@@ -26,9 +64,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.devices.iter().map(DeviceSpec::index).collect()
         }
     };
-    if args.peer_timeout == 0 {
-        bail!("--peer-timeout must be at least 1 second");
-    }
     if args.pad_to_multiple == Some(0) {
         bail!("--pad-to-multiple must be at least 1");
     }
@@ -44,8 +79,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         device_indices,
         peer_timeout: std::time::Duration::from_secs(args.peer_timeout),
         pad_multiple: args.pad_to_multiple.unwrap_or(device.pad_multiple()),
+        world: world.clone(),
     })?;
     let summary = dispatch(device, dtype, Train(prepared))?;
+    if !world.is_root() {
+        return Ok(());
+    }
     eprintln!(
         "{}: {} steps; adapter in {}; curves in {}",
         summary.status,

@@ -92,6 +92,7 @@ pub fn assert_one_line_error(o: &Output, want: &str) {
 }
 
 pub mod nf4;
+pub mod ranks;
 
 /// tiny-phi with the PEFT adapter whose A and B are both non-zero (so every LoRA gradient is),
 /// and its tokenizer.

@@ -193,6 +193,14 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// A configuration from its TOML text (what [`to_toml`](Self::to_toml) writes), validated.
+    pub fn parse_toml(text: &str) -> Result<Self> {
+        let config: Self =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("serializable")
     }
@@ -295,6 +303,43 @@ impl TrainConfig {
         None
     }
 }
+
+impl TrainConfig {
+    /// What differs between this rank's settings and rank 0's (`root`), if anything, except
+    /// where the model and data are read from (each machine has its own paths: the ranks compare
+    /// fingerprints of what they read instead) and the keys only rank 0 uses.
+    pub fn differs_between_ranks(&self, root: &Self) -> Option<String> {
+        let a = toml::Table::try_from(self).expect("serializable");
+        let b = toml::Table::try_from(root).expect("serializable");
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            if RANK_FREE.contains(&k.as_str()) {
+                continue;
+            }
+            if a.get(k) != b.get(k) {
+                let show =
+                    |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+                return Some(format!(
+                    "{k} is {} here, {} on rank 0",
+                    show(a.get(k)),
+                    show(b.get(k))
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Keys the ranks of a run may set differently: where each reads the model and data from, and
+/// what only rank 0 does (writing checkpoints).
+const RANK_FREE: [&str; 6] = [
+    "model",
+    "revision",
+    "data",
+    "data_revision",
+    "save_every",
+    "keep_checkpoints",
+];
 
 /// Keys that may be absent from the preset's table (serialized `None`s are omitted by TOML).
 const OPTIONAL_KEYS: [&str; 2] = ["revision", "data_revision"];

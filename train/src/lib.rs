@@ -18,6 +18,8 @@ pub mod run;
 pub mod schedule;
 pub mod step_loop;
 pub mod stream;
+pub mod world;
 
 pub use config::{Preset, QuantMode, TrainConfig, TrainFlags};
 pub use run::{Prepared, Request, Summary, prepare, train};
+pub use world::{SharedError, World};

@@ -221,6 +221,29 @@ impl LmStats {
         self.sequences += o.sequences;
         self.seconds += o.seconds;
     }
+
+    /// The counts as numbers to sum over processes (the wall time stays each process's own).
+    pub fn to_sums(&self) -> [f64; 5] {
+        [
+            self.nll_sum,
+            self.targets as f64,
+            self.correct as f64,
+            self.tokens as f64,
+            self.sequences as f64,
+        ]
+    }
+
+    /// The counts summed by [`to_sums`](Self::to_sums), with `seconds`.
+    pub fn from_sums(s: &[f64], seconds: f64) -> Self {
+        Self {
+            nll_sum: s[0],
+            targets: s[1] as usize,
+            correct: s[2] as usize,
+            tokens: s[3] as usize,
+            sequences: s[4] as usize,
+            seconds,
+        }
+    }
 }
 
 impl ItemLazy for LmStats {

@@ -317,17 +317,17 @@ impl<AB: AutodiffBackend> Drop for Peers<AB> {
 /// (a worker, R >= 1) stops answering, or its thread ends as a crashed device's would, when it
 /// reaches the all-reduce of step S (counted from 1 in this run).
 #[derive(Clone, Copy, PartialEq)]
-enum Fault {
+pub(crate) enum Fault {
     Hang,
     Exit,
 }
 
-fn fault_at(rank: usize) -> Option<(Fault, usize)> {
+pub(crate) fn fault_at(rank: usize) -> Option<(Fault, usize)> {
     let v = std::env::var("PHITUNE_TEST_FAULT").ok()?;
     let mut it = v.split(':');
     let kind = match it.next()? {
         "hang" => Fault::Hang,
-        "exit" => Fault::Exit,
+        "exit" | "kill" => Fault::Exit,
         _ => return None,
     };
     let r: usize = it.next()?.parse().ok()?;
@@ -423,7 +423,7 @@ fn trainable<B: burn::tensor::backend::Backend, const D: usize>(
 
 /// Every trainable parameter's gradient (zeros where there is none) as f32, flattened in the
 /// module's visiting order: the same order on every rank.
-fn flatten_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+pub(crate) fn flatten_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     model: &M,
     mut grads: GradientsParams,
 ) -> Tensor<Inner<AB>, 1> {
@@ -454,7 +454,7 @@ fn flatten_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
 }
 
 /// The inverse of [`flatten_grads`]: the step's gradients, keyed by this rank's parameter ids.
-fn unflatten_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+pub(crate) fn unflatten_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     model: &M,
     flat: Tensor<Inner<AB>, 1>,
 ) -> GradientsParams {
@@ -491,7 +491,9 @@ fn unflatten_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
 }
 
 /// Every trainable parameter's value as f32, flattened in the module's visiting order.
-fn flatten_values<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: &M) -> Tensor<Inner<AB>, 1> {
+pub(crate) fn flatten_values<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    model: &M,
+) -> Tensor<Inner<AB>, 1> {
     struct Values<AB: AutodiffBackend> {
         parts: Vec<Tensor<Inner<AB>, 1>>,
     }
@@ -510,7 +512,7 @@ fn flatten_values<AB: AutodiffBackend, M: AutodiffModule<AB>>(model: &M) -> Tens
 }
 
 /// Replaces `model`'s trainable values by those of [`flatten_values`] (same ids, still trainable).
-fn load_values<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+pub(crate) fn load_values<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     model: M,
     flat: Tensor<Inner<AB>, 1>,
 ) -> M {

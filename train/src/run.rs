@@ -23,7 +23,7 @@ use phitune_model::{Checkpoint, Phi, PhiTokenizer};
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::config::{QuantMode, TrainConfig, TrainFlags};
+use crate::config::{Preset, QuantMode, TrainConfig, TrainFlags};
 use crate::dashboard::{Dashboard, Quiet, RunShape};
 use crate::lm::{CausalLm, LmBatcher, LmStats};
 use crate::metrics::{
@@ -32,6 +32,7 @@ use crate::metrics::{
 use crate::schedule::WarmupCosine;
 use crate::step_loop::{Components, Outcome, StepLoop, Stop};
 use crate::stream::{EvalSet, TrainStream};
+use crate::world::World;
 
 /// How the user asked for the run.
 pub struct Request {
@@ -54,6 +55,8 @@ pub struct Request {
     /// Micro-batches are widened to a multiple of this many positions (see
     /// [`LmBatcher::pad_multiple`]): 64 on GPUs, 1 on the CPU.
     pub pad_multiple: usize,
+    /// The processes of the run (MPI ranks; one without a launcher).
+    pub world: Arc<World>,
 }
 
 /// Everything resolved on the host before touching a device.
@@ -73,6 +76,7 @@ pub struct Prepared {
     /// `--peer-timeout`.
     pub peer_timeout: std::time::Duration,
     pub pad_multiple: usize,
+    pub world: Arc<World>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,9 +102,164 @@ pub struct Summary {
 }
 
 pub fn prepare(req: Request) -> Result<Prepared> {
-    let out = req.out.clone();
+    let world = req.world.clone();
+    let (root, rank) = (world.is_root(), world.rank());
+    // Every collective below is reached by every rank in the same order; a rank's own failure
+    // is settled at the next one, so no rank waits for another that has given up.
+    let local = if root {
+        resolve_here(&req)
+    } else {
+        Ok((TrainConfig::preset(Preset::Persona), None))
+    };
+    let (mut config, resume_from) = settle(&world, local, "the settings check")?;
+    if world.is_distributed() {
+        // Rank 0's settings are the run's. Another rank takes its own flags (its paths may
+        // differ: each machine reads the model and data from its own disk or HF cache) over
+        // rank 0's settings, and must end up with the same ones.
+        let text = world.broadcast_bytes(config.to_toml().into_bytes(), "the settings check")?;
+        let local = if root {
+            Ok(None)
+        } else {
+            TrainConfig::parse_toml(&String::from_utf8_lossy(&text)).and_then(|of_root| {
+                // A new run: this rank's own settings, which must be rank 0's. Resumed: it
+                // has no run directory, so rank 0's, with its own flags (paths) over them.
+                let base = req.resume.then(|| of_root.clone());
+                let mine = TrainConfig::resolve_from(base, req.config_file.as_deref(), &req.flags)?;
+                Ok(Some((mine, of_root)))
+            })
+        };
+        if let Some((mine, of_root)) = settle(&world, local, "the settings check")? {
+            let complaint = mine.differs_between_ranks(&of_root).map(|d| {
+                format!(
+                    "rank {rank} was started with other settings than rank 0: {d}; every rank of a run needs the same settings"
+                )
+            });
+            world.agree(complaint, "the settings check")?;
+            config = mine;
+        } else {
+            world.agree(None, "the settings check")?;
+        }
+    }
+    if let Some(n) = req.stop_after
+        && (n == 0 || n > config.max_steps)
+    {
+        bail!(
+            "--stop-after {n} must be between 1 and max_steps ({})",
+            config.max_steps
+        );
+    }
+    let ranks = req.device_indices.len().max(world.size());
+    if world.is_distributed() && req.device_indices.len() > 1 {
+        bail!(
+            "--devices cannot be combined with an MPI launch: start one process per device instead"
+        );
+    }
+    if ranks > 1 && config.grad_accum < ranks {
+        bail!(
+            "{ranks} ranks but grad_accum is {}: each optimizer step's {} micro-batches are shared out among the ranks, so grad_accum must be at least {ranks}",
+            config.grad_accum,
+            config.grad_accum
+        );
+    }
+
+    let loaded = (|| -> Result<_> {
+        let dir = phitune_model::io::hub::resolve_model(&config.model, config.revision.as_deref())?;
+        let ckpt = Checkpoint::open(&dir)?;
+        let tok = PhiTokenizer::from_dir(&dir, ckpt.config())?;
+        let (train, valid) = load_examples(&config, &tok)?;
+        if let Some((_, dir)) = &resume_from {
+            let state = checkpoint::read_state(dir)?;
+            if state
+                .data_fingerprint
+                .is_some_and(|f| f != checkpoint::data_fingerprint(&train))
+            {
+                bail!(
+                    "{}: the training data differ from those of the run being resumed ({} now)",
+                    dir.display(),
+                    config.data
+                );
+            }
+        }
+        let fingerprints = [
+            model_fingerprint(&dir),
+            checkpoint::data_fingerprint(&train),
+            checkpoint::data_fingerprint(&valid),
+        ];
+        Ok((ckpt, tok, train, valid, fingerprints))
+    })();
+    let (ckpt, tok, train, valid, fingerprints) =
+        settle(&world, loaded, "loading the model and data")?;
+    if world.is_distributed() {
+        let of_root = world.broadcast_bytes(
+            fingerprints.iter().flat_map(|f| f.to_le_bytes()).collect(),
+            "comparing the model and data",
+        )?;
+        let names = [
+            format!("model ({})", config.model),
+            format!("training data ({})", config.data),
+            format!("held-out data ({})", config.data),
+        ];
+        let complaint = fingerprints
+            .iter()
+            .zip(of_root.chunks(8))
+            .zip(&names)
+            .find(|((mine, theirs), _)| mine.to_le_bytes()[..] != theirs[..])
+            .map(|(_, what)| {
+                format!(
+                    "rank {rank}'s {what} differs from rank 0's: every rank of a run needs the same model and data"
+                )
+            });
+        world.agree(complaint, "comparing the model and data")?;
+    }
+    let pad_id = tok.eos_token_ids[0];
+
+    // Only rank 0 writes the run; another rank keeps what it must write (its metrics log, the
+    // Learner's files) in a private directory, removed at the end.
+    let out = if root {
+        settle(
+            &world,
+            create_out(&req, &config),
+            "creating the output directory",
+        )?;
+        req.out.clone()
+    } else {
+        let dir = std::env::temp_dir().join(format!("phitune-rank{rank}-{}", std::process::id()));
+        let made = std::fs::remove_dir_all(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .and_then(|()| std::fs::create_dir_all(&dir))
+            .with_context(|| format!("rank {rank}: creating {}", dir.display()));
+        settle(&world, made, "creating the output directory")?;
+        dir
+    };
+    Ok(Prepared {
+        config,
+        out,
+        resume_from: if root { resume_from } else { None },
+        stop_after: req.stop_after,
+        checkpoint: ckpt,
+        train: Arc::new(train),
+        valid: Arc::new(valid),
+        pad_id,
+        dashboard: req.dashboard && root,
+        cuda: req.cuda,
+        device_indices: req.device_indices,
+        peer_timeout: req.peer_timeout,
+        pad_multiple: req.pad_multiple.max(1),
+        world,
+    })
+}
+
+/// The settings of the run in `--out` (resumed) or of the flags (new), with `--out` checked.
+fn resolve_here(req: &Request) -> Result<(TrainConfig, Option<(usize, PathBuf)>)> {
+    let out = &req.out;
     let config_path = out.join("config.toml");
-    let (config, resume_from) = if req.resume {
+    if req.resume {
         if !config_path.is_file() {
             bail!(
                 "--resume: {} has no config.toml (not a training output directory)",
@@ -116,8 +275,8 @@ pub fn prepare(req: Request) -> Result<Prepared> {
         if let Some(diff) = saved.differs_for_resume(&config) {
             bail!("--resume cannot change {diff}; start a new run in another --out instead");
         }
-        checkpoint::clean_staging(&out);
-        let from = checkpoint::latest(&out);
+        checkpoint::clean_staging(out);
+        let from = checkpoint::latest(out);
         if let Some((_, dir)) = &from {
             let state = checkpoint::read_state(dir)?;
             if state.seed != config.seed || state.max_steps != config.max_steps {
@@ -127,11 +286,11 @@ pub fn prepare(req: Request) -> Result<Prepared> {
                 );
             }
         }
-        (config, from)
+        Ok((config, from))
     } else {
         let config = TrainConfig::resolve(req.config_file.as_deref(), &req.flags)?;
         if out.exists() {
-            let non_empty = std::fs::read_dir(&out)
+            let non_empty = std::fs::read_dir(out)
                 .with_context(|| out.display().to_string())?
                 .next()
                 .is_some();
@@ -142,44 +301,13 @@ pub fn prepare(req: Request) -> Result<Prepared> {
                 );
             }
         }
-        (config, None)
-    };
-    if let Some(n) = req.stop_after
-        && (n == 0 || n > config.max_steps)
-    {
-        bail!(
-            "--stop-after {n} must be between 1 and max_steps ({})",
-            config.max_steps
-        );
+        Ok((config, None))
     }
-    let ranks = req.device_indices.len();
-    if ranks > 1 && config.grad_accum < ranks {
-        bail!(
-            "--devices: {ranks} ranks but grad_accum is {}: each optimizer step's {} micro-batches are shared out among the ranks, so grad_accum must be at least {ranks}",
-            config.grad_accum,
-            config.grad_accum
-        );
-    }
+}
 
-    let dir = phitune_model::io::hub::resolve_model(&config.model, config.revision.as_deref())?;
-    let ckpt = Checkpoint::open(&dir)?;
-    let tok = PhiTokenizer::from_dir(&dir, ckpt.config())?;
-    let pad_id = tok.eos_token_ids[0];
-    let (train, valid) = load_examples(&config, &tok)?;
-    if let Some((_, dir)) = &resume_from {
-        let state = checkpoint::read_state(dir)?;
-        if state
-            .data_fingerprint
-            .is_some_and(|f| f != checkpoint::data_fingerprint(&train))
-        {
-            bail!(
-                "{}: the training data differ from those of the run being resumed ({} now)",
-                dir.display(),
-                config.data
-            );
-        }
-    }
-
+/// `--out`, emptied first with `--overwrite`, with the run's config.toml (a new run).
+fn create_out(req: &Request, config: &TrainConfig) -> Result<()> {
+    let out = &req.out;
     if req.overwrite && out.exists() {
         // Renamed aside first, so a failed deletion never leaves half a run under `out`;
         // remove_dir_all does not follow symlinks.
@@ -188,32 +316,67 @@ pub fn prepare(req: Request) -> Result<Prepared> {
             out.file_name().unwrap_or_default().to_string_lossy(),
             std::process::id()
         ));
-        std::fs::rename(&out, &old).with_context(|| format!("replacing {}", out.display()))?;
+        std::fs::rename(out, &old).with_context(|| format!("replacing {}", out.display()))?;
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
         eprintln!(
             "--overwrite: removed the previous contents of {}",
             out.display()
         );
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if !req.resume {
-        checkpoint::write_synced(&config_path, config.to_toml().as_bytes())?;
+        checkpoint::write_synced(&out.join("config.toml"), config.to_toml().as_bytes())?;
     }
-    Ok(Prepared {
-        config,
-        out,
-        resume_from,
-        stop_after: req.stop_after,
-        checkpoint: ckpt,
-        train: Arc::new(train),
-        valid: Arc::new(valid),
-        pad_id,
-        dashboard: req.dashboard,
-        cuda: req.cuda,
-        device_indices: req.device_indices,
-        peer_timeout: req.peer_timeout,
-        pad_multiple: req.pad_multiple.max(1),
-    })
+    Ok(())
+}
+
+/// A fingerprint of a model directory: its config and tokenizer, and the size of every weight
+/// file (hashing gigabytes of weights would cost more than it tells).
+fn model_fingerprint(dir: &Path) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for f in ["config.json", "tokenizer.json"] {
+        eat(&std::fs::read(dir.join(f)).unwrap_or_default());
+    }
+    let mut weights: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            let len = e.metadata().map_or(0, |m| m.len());
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    weights.sort();
+    for (name, len) in weights {
+        eat(name.as_bytes());
+        eat(&len.to_le_bytes());
+    }
+    h
+}
+
+/// This rank's result of a step every rank takes: when any rank failed, every rank returns the
+/// first failure (rank 0 prints it; see [`World::agree`]). One process: the result as it is.
+fn settle<T>(world: &World, local: Result<T>, what: &str) -> Result<T> {
+    if !world.is_distributed() {
+        return local;
+    }
+    let complaint = local.as_ref().err().map(|e| {
+        let msg = format!("{e:#}").replace('\n', " ");
+        if world.is_root() {
+            msg
+        } else {
+            format!("rank {}: {msg}", world.rank())
+        }
+    });
+    world.agree(complaint, what)?;
+    local
 }
 
 /// Training and held-out examples (the latter limited to `eval_rows`, longest first so that
@@ -278,7 +441,33 @@ where
     AB::InnerBackend: Nf4Backend,
 {
     let started = Instant::now();
-    let (learner, trainable, start_step) = set_up_learner::<AB>(&p, &device)?;
+    let world = p.world.clone();
+    let (learner, trainable, start_step) = settle(
+        &world,
+        set_up_learner::<AB>(&p, &device),
+        "setting up the model",
+    )?;
+    // Across processes, rank 0's step is the run's (another rank has no checkpoint: it gets rank
+    // 0's trainable values when the loop starts), and every rank must train as many values.
+    let start_step = if world.is_distributed() {
+        let complaint = {
+            let theirs = world.broadcast_bytes(
+                (trainable as u64).to_le_bytes().to_vec(),
+                "comparing the models",
+            )?;
+            (theirs[..] != (trainable as u64).to_le_bytes()[..]).then(|| {
+                format!(
+                    "rank {} trains {trainable} parameters, rank 0 another number: every rank needs the same model and adapter settings",
+                    world.rank()
+                )
+            })
+        };
+        world.agree(complaint, "comparing the models")?;
+        let step = world.broadcast_bytes((start_step as u64).to_le_bytes().to_vec(), "resuming")?;
+        u64::from_le_bytes(step[..8].try_into().expect("8 bytes")) as usize
+    } else {
+        start_step
+    };
     let (train_loader, valid_loader) = data_loaders::<AB>(&p, start_step, &device);
     let mut log = MetricsLog::open(&p.out.join("metrics.jsonl"), start_step)?;
     let valid_before = evaluate_base(&p, &learner, &valid_loader, &mut log, start_step)?;
@@ -298,12 +487,15 @@ where
         evaluates: !p.valid.is_empty(),
         device_indices: p.device_indices.clone(),
         peer_timeout: p.peer_timeout,
+        world: world.clone(),
     };
     let (training, interrupter) =
         build_training(&p, start_step, step_loop, train_loader, valid_loader);
-    announce(&p.config, trainable);
+    if world.is_root() {
+        announce(&p.config, trainable);
+    }
     #[cfg(unix)]
-    let signals = stop_on_signals(interrupter);
+    let signals = stop_on_signals(interrupter, &world);
     #[cfg(not(unix))]
     drop(interrupter);
     let result = training.launch(learner);
@@ -316,6 +508,14 @@ where
         .ok()
         .and_then(|o| o.clone())
         .context("the training loop did not report an outcome")?;
+    if !world.is_root() {
+        // Rank 0 reports the run (and any failure); this rank only cleans up.
+        let _ = std::fs::remove_dir_all(&p.out);
+        if let Stop::Failed(e) | Stop::NonFinite { what: e, .. } = &outcome.stop {
+            return Err(crate::world::SharedError(e.clone()).into());
+        }
+        return Ok(Summary::of_rank(&p, &outcome, trainable));
+    }
     finish(&p, &outcome, &result.model, trainable, valid_before)
 }
 
@@ -451,17 +651,31 @@ where
         .iter()
         .find(|r| r.split == "valid" && r.step == 0)
         .map(|r| r.loss);
-    if logged.is_some() || start_step > 0 || p.valid.is_empty() {
+    let world = &p.world;
+    let skip = logged.is_some() || start_step > 0 || p.valid.is_empty();
+    // Rank 0's log decides, for every rank (the evaluation is shared out among them).
+    let skip = world.broadcast_bytes(vec![skip as u8], "evaluating the base model")?[0] != 0;
+    if skip {
         return Ok(logged);
     }
-    eprintln!(
-        "evaluating the base model on {} held-out examples...",
-        p.valid.len()
-    );
+    if world.is_root() {
+        eprintln!(
+            "evaluating the base model on {} held-out examples...",
+            p.valid.len()
+        );
+    }
     let model = burn::module::AutodiffModule::valid(&learner.model());
     let mut sum = LmStats::default();
-    for batch in valid.iter() {
-        sum.add(&burn::train::InferenceStep::step(&model, batch));
+    // Across processes, batch j is rank j % ranks's, and the counts are summed.
+    for (j, batch) in valid.iter().enumerate() {
+        if j % world.size() == world.rank() {
+            sum.add(&burn::train::InferenceStep::step(&model, batch));
+        }
+    }
+    if world.is_distributed() {
+        let mut sums = sum.to_sums();
+        world.sum_f64(&mut sums, "evaluating the base model")?;
+        sum = LmStats::from_sums(&sums, sum.seconds);
     }
     log.append(metrics::Record::from_stats("valid", 0, &sum, 0.0))?;
     Ok(Some(sum.loss()))
@@ -553,13 +767,15 @@ fn finish<B: Nf4Backend>(
                 "training stopped at step {step}: {what} is not finite; {keep} (lower --lr or --max-grad-norm, then --resume)"
             );
         }
-        Stop::Failed(e) if p.device_indices.len() > 1 => match &outcome.last_checkpoint {
-            Some(d) => bail!(
-                "training stopped: {e}; the last good checkpoint is {} (--resume continues from it)",
-                d.display()
-            ),
-            None => bail!("training stopped: {e}; there is no checkpoint yet"),
-        },
+        Stop::Failed(e) if p.device_indices.len() > 1 || p.world.is_distributed() => {
+            match &outcome.last_checkpoint {
+                Some(d) => bail!(
+                    "training stopped: {e}; the last good checkpoint is {} (--resume continues from it)",
+                    d.display()
+                ),
+                None => bail!("training stopped: {e}; there is no checkpoint yet"),
+            }
+        }
         Stop::Failed(e) => bail!("training stopped: {e}"),
     };
     let adapter = model.phi.adapter(&c.lora(), Some(c.model.clone()));
@@ -609,12 +825,41 @@ fn finish<B: Nf4Backend>(
     Ok(summary)
 }
 
+impl Summary {
+    /// What another rank than 0 knows of the run (it writes nothing).
+    fn of_rank(p: &Prepared, outcome: &Outcome, trainable: usize) -> Self {
+        Self {
+            out: p.out.clone(),
+            status: format!("{:?}", outcome.stop),
+            steps: outcome.steps_done,
+            max_steps: p.config.max_steps,
+            train_examples: p.train.len(),
+            valid_examples: p.valid.len(),
+            trainable_params: trainable,
+            final_train_loss: None,
+            valid_loss_before: None,
+            valid_loss: None,
+            valid_perplexity: None,
+            tokens_per_second: None,
+            seconds: 0.0,
+            adapter: p.out.clone(),
+            last_checkpoint: None,
+            sync: outcome.sync,
+        }
+    }
+}
+
 /// Ctrl-C (SIGINT) or SIGTERM while training: the first asks the step loop to finish the current
 /// optimizer step, write a checkpoint and stop (the run then ends as "interrupted" and can be
 /// resumed); a second one quits at once with status 130, which corrupts nothing because every
 /// checkpoint is written to a staging directory and renamed into place.
 #[cfg(unix)]
-fn stop_on_signals(interrupter: burn::train::Interrupter) -> Option<signal_hook::iterator::Handle> {
+fn stop_on_signals(
+    interrupter: burn::train::Interrupter,
+    world: &World,
+) -> Option<signal_hook::iterator::Handle> {
+    let (distributed, root, last_good) =
+        (world.is_distributed(), world.is_root(), world.last_good());
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).ok()?;
     let handle = signals.handle();
@@ -622,9 +867,20 @@ fn stop_on_signals(interrupter: burn::train::Interrupter) -> Option<signal_hook:
         for (n, sig) in signals.forever().enumerate() {
             let name = if sig == SIGINT { "Ctrl-C" } else { "SIGTERM" };
             if n == 0 {
-                eprintln!(
-                    "\n{name}: finishing the current step and writing a checkpoint ({name} again quits at once)"
-                );
+                if distributed {
+                    // The launcher signals every rank, when the job is cancelled and when a rank
+                    // has ended; in the second case the step cannot finish.
+                    if root {
+                        eprintln!(
+                            "\n{name} from the MPI launcher (the job is being stopped, or a rank has ended): finishing the current step and writing a checkpoint; should the job end first, {}",
+                            last_good.line()
+                        );
+                    }
+                } else {
+                    eprintln!(
+                        "\n{name}: finishing the current step and writing a checkpoint ({name} again quits at once)"
+                    );
+                }
                 interrupter.stop(Some(name));
             } else {
                 eprintln!("{name}: quitting now; continue from the last checkpoint with --resume");
