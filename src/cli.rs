@@ -15,6 +15,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Per-token negative log-likelihood of a text (one JSON object on stdout).
@@ -37,6 +39,9 @@ pub enum Command {
     /// Talk to the persona: type the other speaker's turns, the model answers in character.
     /// Reads one turn per line from stdin (a terminal or a pipe); /reset, /persona, /quit.
     Chat(ChatArgs),
+    /// Serve the persona over HTTP: an OpenAI-compatible API (/v1/chat/completions,
+    /// /v1/completions, /v1/models) and a chat page at /.
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -317,6 +322,47 @@ pub struct ChatArgs {
     /// (for measuring what the reuse saves).
     #[arg(long)]
     pub no_cache_reuse: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The persona of requests without a system message (and of the page), the template and
+    /// the prompt budget.
+    #[command(flatten)]
+    pub persona: PersonaArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/ (default: the PHITUNE_API_KEY environment
+    /// variable; none when unset).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Requests that may wait while one is generated; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub max_queue: usize,
+    /// The model id clients name (default: the adapter's directory name, else the model's).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// New tokens of a reply when a request does not say (`max_tokens`).
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature when a request does not say (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Nucleus sampling when a request does not say (`top_p`; 1 = off).
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// HF's repetition penalty when a request does not say (`repetition_penalty`; 1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    pub repetition_penalty: f32,
+    /// Seed of requests that do not give one (each such request gets the next one).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 
 const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 
+#[derive(Clone)]
 pub struct PhiTokenizer {
     inner: tokenizers::Tokenizer,
     /// Generation stops at any of these.

@@ -8,14 +8,12 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use phitune_model::Phi;
-use phitune_model::PhiTokenizer;
-use phitune_model::generate::{CachedContext, GenerationConfig, generate_cached};
+use phitune_model::generate::{CachedContext, GenerationConfig};
 use phitune_model::ops::Nf4Backend;
 use phitune_model::sampling::SamplingConfig;
-use phitune_model::tokenizer::TextStream;
 use serde_json::json;
 
+use super::reply::{StopRule, budget, persona_prompt, reply};
 use super::{ModelSource, PersonaPrompt};
 use crate::backend::{Job, dispatch};
 use crate::cli::ChatArgs;
@@ -56,65 +54,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
             reuse: !args.no_cache_reuse,
         },
     )
-}
-
-/// Generates one reply to the prompt `ids`, continuing `context`: streamed to `on_text` piece
-/// by piece, ending at eos, at a newline (the model starting another turn) or at the token
-/// limit. Returns the reply text (trimmed), the number of new tokens and the seconds to the
-/// first one (prompt processing included).
-pub fn reply<B: Nf4Backend>(
-    model: &Phi<B>,
-    context: &mut CachedContext<B>,
-    ids: &[u32],
-    config: &GenerationConfig,
-    tok: &PhiTokenizer,
-    device: &B::Device,
-    mut on_text: impl FnMut(&str),
-) -> Result<(String, usize, f64)> {
-    let t = Instant::now();
-    let mut first = None;
-    let mut text = TextStream::new();
-    let mut reply = String::new();
-    let mut failed = None;
-    let new = generate_cached(model, context, ids, config, device, |id| {
-        first.get_or_insert_with(|| t.elapsed().as_secs_f64());
-        if tok.is_eos(id) {
-            return false;
-        }
-        match text.push(tok, id) {
-            Ok(Some(piece)) => {
-                let (piece, done) = match piece.find('\n') {
-                    Some(i) => (&piece[..i], true),
-                    None => (&piece[..], false),
-                };
-                // No leading space on the first piece (the template's "Output:" is followed
-                // by " reply").
-                let piece = if reply.is_empty() {
-                    piece.trim_start()
-                } else {
-                    piece
-                };
-                reply.push_str(piece);
-                on_text(piece);
-                !done
-            }
-            Ok(None) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    let first = first.unwrap_or_else(|| t.elapsed().as_secs_f64());
-    Ok((reply.trim_end().to_string(), new.len(), first))
-}
-
-/// The prompt budget: the run's length, within the model's positions.
-pub fn budget(source: &ModelSource, max_len: usize) -> usize {
-    max_len.min(source.checkpoint.config().max_position_embeddings)
 }
 
 struct Chat<'a> {
@@ -182,8 +121,9 @@ impl Job for Chat<'_> {
             }
             turn += 1;
             dialogue.push(line.to_string());
-            let (ids, first_kept) = template.fitted_prompt(
+            let (ids, first_kept) = persona_prompt(
                 tok,
+                template,
                 &persona,
                 &dialogue,
                 budget,
@@ -209,13 +149,27 @@ impl Job for Chat<'_> {
             if interactive {
                 eprint!("bot> ");
             }
-            let (text, new_tokens, first_token) =
-                reply(&model, &mut context, &ids, &config, tok, &device, |piece| {
-                    if !self.json {
+            let rule = StopRule {
+                turn: true,
+                stops: Vec::new(),
+            };
+            let answer = reply(
+                &model,
+                &mut context,
+                &ids,
+                &config,
+                &rule,
+                tok,
+                &device,
+                |piece| {
+                    if !self.json && !piece.is_empty() {
                         let _ = stdout.write_all(piece.as_bytes());
                         let _ = stdout.flush();
                     }
-                })?;
+                    true
+                },
+            )?;
+            let text = answer.text;
             let seconds = t.elapsed().as_secs_f64();
             if self.json {
                 let line = json!({
@@ -227,8 +181,8 @@ impl Job for Chat<'_> {
                     "reused_tokens": context.reused(),
                     "dropped_turns": first_kept,
                     "history_turns": dialogue.len(),
-                    "new_tokens": new_tokens,
-                    "first_token_s": first_token,
+                    "new_tokens": answer.tokens.len(),
+                    "first_token_s": answer.first_token_s,
                     "seconds": seconds,
                 });
                 writeln!(stdout, "{line}")?;

@@ -84,9 +84,10 @@ fn run_persona(args: GenerateArgs) -> Result<()> {
     let mut config = args
         .sampling
         .to_config(source.tokenizer.eos_token_ids.clone())?;
-    let budget = super::chat::budget(&source, p.max_len);
-    let (ids, first_kept) = p.template.fitted_prompt(
+    let budget = super::reply::budget(&source, p.max_len);
+    let (ids, first_kept) = super::reply::persona_prompt(
         &source.tokenizer,
+        p.template,
         &p.persona,
         &p.dialogue,
         budget,
@@ -97,7 +98,7 @@ fn run_persona(args: GenerateArgs) -> Result<()> {
     }
     fit_context(&mut config, ids.len(), &source)?;
     let (device, dtype) = args.model.device.resolve();
-    let text = dispatch(
+    let answer = dispatch(
         device,
         dtype,
         PersonaReply {
@@ -113,7 +114,14 @@ fn run_persona(args: GenerateArgs) -> Result<()> {
             .prompt_text(&p.persona, &p.dialogue[first_kept..]);
         println!(
             "{}",
-            json!({ "text": text, "prompt": prompt, "template": p.template.to_string() })
+            json!({
+                "text": answer.text,
+                "tokens": answer.tokens,
+                "prompt": prompt,
+                "prompt_tokens": ids.len(),
+                "finish_reason": answer.finish.reason(),
+                "template": p.template.to_string(),
+            })
         );
     } else {
         println!();
@@ -153,26 +161,31 @@ struct PersonaReply<'a> {
 }
 
 impl Job for PersonaReply<'_> {
-    type Output = String;
-    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<String> {
+    type Output = super::reply::Reply;
+    fn run<B: Nf4Backend>(self, device: B::Device) -> Result<super::reply::Reply> {
         let model = self.source.load::<B>(&device)?;
         let mut context = CachedContext::new(&model);
         let mut stdout = std::io::stdout().lock();
-        let (text, _, _) = super::chat::reply(
+        let rule = super::reply::StopRule {
+            turn: true,
+            stops: Vec::new(),
+        };
+        super::reply::reply(
             &model,
             &mut context,
             self.prompt,
             self.config,
+            &rule,
             &self.source.tokenizer,
             &device,
             |piece| {
-                if self.stream {
+                if self.stream && !piece.is_empty() {
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
                 }
+                true
             },
-        )?;
-        Ok(text)
+        )
     }
 }
 

@@ -7,7 +7,9 @@ mod eval;
 mod export;
 mod generate;
 mod merge;
+mod reply;
 mod score;
+mod serve;
 mod train;
 
 use anyhow::{Context, Result};
@@ -28,6 +30,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
