@@ -436,6 +436,10 @@ pub enum ExportFormat {
     Gguf,
     /// An HF checkpoint directory (what `merge` writes).
     Hf,
+    /// The adapter alone as llama.cpp's GGUF LoRA (a few MB; `llama-cli --lora`, Ollama's
+    /// `ADAPTER`), and a Modelfile that applies it over --base-gguf (else Ollama's `phi`).
+    #[value(name = "gguf-lora")]
+    GgufLora,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -466,7 +470,8 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value = "gguf")]
     pub format: ExportFormat,
     /// Tensor type of the matrices: for GGUF f16 by default (norms and biases stay f32); for
-    /// --format hf f32, f16 or bf16 (default: the base checkpoint's).
+    /// --format gguf-lora f32, f16 (default) or bf16; for --format hf f32, f16 or bf16 (default:
+    /// the base checkpoint's).
     #[arg(long = "type", value_enum)]
     pub ty: Option<GgufType>,
     /// The .gguf file (--format gguf) or the checkpoint directory (--format hf) to write.
@@ -475,6 +480,10 @@ pub struct ExportArgs {
     /// Replace --out (and the Modelfile beside it) if they exist.
     #[arg(long)]
     pub overwrite: bool,
+    /// --format gguf-lora: the base model's GGUF the adapter will be applied to (the Modelfile's
+    /// FROM; its q/k/v layout, separate or fused, decides the adapter's tensors).
+    #[arg(long, value_name = "FILE")]
+    pub base_gguf: Option<std::path::PathBuf>,
     /// general.name in the GGUF file [default: the file's name without .gguf].
     #[arg(long)]
     pub name: Option<String>,

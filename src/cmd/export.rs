@@ -41,6 +41,13 @@ pub fn run(args: ExportArgs) -> Result<()> {
             quant,
         });
     }
+    let lora = args.format == ExportFormat::GgufLora;
+    if lora && args.adapter.is_none() {
+        bail!("--format gguf-lora needs --adapter (the adapter to write)");
+    }
+    if !lora && args.base_gguf.is_some() {
+        bail!("--base-gguf is for --format gguf-lora");
+    }
     let ty = GgmlType::from_name(ty_name(args.ty.unwrap_or(GgufType::F16)))?;
     if args.out.extension().and_then(|e| e.to_str()) != Some("gguf") {
         bail!(
@@ -87,7 +94,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "phi2".into())
     });
-    if quant.is_some() && adapter.is_some() {
+    if quant.is_some() && adapter.is_some() && !lora {
         eprintln!("merging into the NF4-dequantized base weights (the adapter's training base)");
     }
     // Everything the Modelfile needs is settled before the GGUF is written, so that no bad
@@ -99,8 +106,21 @@ pub fn run(args: ExportArgs) -> Result<()> {
             dir.display()
         )
     })?;
+    if lora {
+        return export_lora(
+            &args,
+            &ckpt,
+            adapter.as_ref().unwrap(),
+            ty,
+            &name,
+            &eos,
+            &prompt,
+        );
+    }
+    let from = PathBuf::from(".").join(args.out.file_name().unwrap_or_default());
     let text = modelfile_text(
-        &args.out,
+        &from.display().to_string(),
+        None,
         prompt.template,
         &prompt.persona,
         &eos,
@@ -147,6 +167,96 @@ pub fn run(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--format gguf-lora`: the adapter as a GGUF LoRA for the base's q/k/v layout, and a
+/// Modelfile that applies it over the base GGUF (or Ollama's `phi`).
+fn export_lora(
+    args: &ExportArgs,
+    ckpt: &Checkpoint,
+    adapter: &Adapter,
+    ty: GgmlType,
+    name: &str,
+    eos: &str,
+    prompt: &super::PersonaPrompt,
+) -> Result<()> {
+    use phitune_model::io::lora_gguf::{QkvLayout, base_layout, export_gguf_lora};
+    let layout = match &args.base_gguf {
+        Some(p) => base_layout(p, ckpt.config())?,
+        None => QkvLayout::Separate,
+    };
+    // The Modelfile's FROM: the base file by its absolute path (Ollama resolves a relative
+    // one against the Modelfile's directory), or Ollama's library phi-2.
+    let from = match &args.base_gguf {
+        Some(p) => std::fs::canonicalize(p)
+            .with_context(|| format!("--base-gguf {}", p.display()))?
+            .display()
+            .to_string(),
+        None => "phi".to_string(),
+    };
+    let modelfile = args.out.with_file_name("Modelfile");
+    let adapter_file = PathBuf::from(".").join(args.out.file_name().unwrap_or_default());
+    let mut text = modelfile_text(
+        &from,
+        Some(&adapter_file),
+        prompt.template,
+        &prompt.persona,
+        eos,
+        prompt.max_len,
+    );
+    if args.base_gguf.is_none() {
+        text = format!(
+            "# FROM phi is Ollama's library phi-2 in Ollama's own quantisation, not the base this\n\
+             # adapter was trained on: close, not equal. `phitune export --format gguf` (merged) or\n\
+             # --base-gguf FILE (your own base GGUF) give the trained model exactly.\n{text}"
+        );
+    }
+    let report = export_gguf_lora(
+        ckpt.config(),
+        adapter,
+        layout,
+        ty,
+        name,
+        &args.out,
+        args.overwrite,
+    )?;
+    phitune_model::io::atomic_write(&modelfile, |w| {
+        use std::io::Write;
+        w.write_all(text.as_bytes())
+    })?;
+    eprintln!(
+        "wrote {} ({} LoRA pairs{}, {:.2} MB, {}, alpha {}{}) and {}",
+        args.out.display(),
+        report.pairs,
+        if layout == QkvLayout::Fused {
+            " on the fused attn_qkv"
+        } else {
+            ""
+        },
+        report.bytes as f64 / 1e6,
+        ty.name(),
+        report.alpha,
+        if report.folded > 0 {
+            format!(
+                "; {} pairs carry their scaling in lora_b (rsLoRA, rank/alpha patterns or fused q/k/v)",
+                report.folded
+            )
+        } else {
+            String::new()
+        },
+        modelfile.display()
+    );
+    let out_dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    eprintln!(
+        "run it with: ollama create {name} -f {} && ollama run {name}   (or llama-cli -m BASE.gguf --lora {})",
+        out_dir.join("Modelfile").display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
 fn model_args(args: &ExportArgs) -> ModelArgs {
     ModelArgs {
         model: args.model.clone(),
@@ -175,14 +285,15 @@ fn ty_name(t: GgufType) -> &'static str {
 /// training prompt of `template`, with the persona as the system message (`SYSTEM`, or
 /// `/set system` in `ollama run`) and the dialogue so far as the other messages; the model's
 /// reply then follows as it did in training, up to the eos.
+/// `from` is the Modelfile's FROM; `adapter` an `ADAPTER` GGUF LoRA applied over it.
 pub fn modelfile_text(
-    gguf: &Path,
+    from: &str,
+    adapter: Option<&Path>,
     template: Template,
     persona: &[String],
     eos: &str,
     max_len: usize,
 ) -> String {
-    let from = PathBuf::from(".").join(gguf.file_name().unwrap_or_default());
     // Persona facts joined by spaces, the dialogue's turns by newlines (persona template) or
     // spaces (seed template), as `Template::prompt_text` joins them.
     let turns = match template {
@@ -203,9 +314,9 @@ pub fn modelfile_text(
     };
     let mut s = format!(
         "# Written by `phitune export`. Create the model with: ollama create NAME -f Modelfile\n\
-         FROM {}\n\
+         FROM {from}\n{}\
          TEMPLATE \"\"\"{body}\"\"\"\n",
-        from.display()
+        adapter.map_or(String::new(), |a| format!("ADAPTER {}\n", a.display()))
     );
     if !persona.is_empty() {
         s += &format!("SYSTEM \"\"\"{}\"\"\"\n", persona.join(" "));

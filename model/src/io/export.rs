@@ -18,7 +18,7 @@ use crate::io::merge::{check_adapter, merged_f32};
 use crate::phi::Quantization;
 
 /// llama.cpp's `llama_ftype` of a file whose large tensors are all `ty`.
-fn file_type(ty: GgmlType) -> u32 {
+pub(crate) fn file_type(ty: GgmlType) -> u32 {
     match ty {
         GgmlType::F32 => 0,
         GgmlType::F16 => 1,

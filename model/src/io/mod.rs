@@ -18,6 +18,7 @@ pub mod export;
 pub mod files;
 pub mod gguf;
 pub mod hub;
+pub mod lora_gguf;
 pub mod merge;
 pub mod progress;
 pub mod safetensors;
