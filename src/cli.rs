@@ -117,9 +117,15 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub generate: usize,
     /// With --adapter and --generate: also generate the base model's replies for the same rows
-    /// and print them next to the adapter's and the reference (stderr; both in the JSONL).
+    /// and print them next to the adapter's and the reference (stderr; both in the JSONL); with
+    /// --hits, the base model's Hits@1 too.
     #[arg(long, requires = "adapter")]
     pub compare_base: bool,
+    /// Hits@1 out of N candidates per held-out row (ConvAI2 uses 20): the row's reference and
+    /// the next N-1 rows' references, ranked by the model's mean NLL of each after the row's
+    /// prompt; rows to DIR/hits.jsonl. 0 = off.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub hits: usize,
     /// New tokens per reply.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,

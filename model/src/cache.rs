@@ -46,6 +46,22 @@ impl<B: Backend> KvCache<B> {
         self.len = len;
     }
 
+    /// The cache with every entry repeated `n` times along the batch (one prompt, continued
+    /// `n` ways).
+    pub fn repeat(&self, n: usize) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref()
+                        .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))
+                })
+                .collect(),
+            len: self.len,
+        }
+    }
+
     /// Appends this step's keys/values for `layer` and returns the full ones.
     pub(crate) fn append(
         &mut self,

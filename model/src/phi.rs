@@ -134,6 +134,17 @@ impl<B: Nf4Backend> Phi<B> {
             .reshape([b, self.vocab_size()])
     }
 
+    /// As [`forward_cached`](Self::forward_cached), with the logits of every new position,
+    /// `[batch, seq, vocab]` (scoring continuations of a shared, cached prompt).
+    pub fn forward_cached_all(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let h = self.hidden(ids, Some(cache), None);
+        self.lm_head.forward(self.final_layernorm.forward(h))
+    }
+
     /// The decoder stack. With `cache`, `ids` continue the cached positions; with `packing`,
     /// each example of a row has its own positions and sees only itself (no cache then).
     fn hidden(

@@ -41,7 +41,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!("--valid-fraction {} must be in (0, 1)", spec.valid_fraction);
     }
     let held = held_out(&spec, &source.tokenizer)?;
-    let out_dir = match (&args.out, args.generate) {
+    if args.hits == 1 {
+        bail!("--hits 1 ranks the reference alone; give N >= 2 (ConvAI2 uses 20)");
+    }
+    let out_dir = match (&args.out, args.generate + args.hits) {
         (Some(d), _) => Some(d.clone()),
         (None, 0) => None,
         (None, _) => Some(
@@ -56,7 +59,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         ),
     };
     if let Some(d) = &out_dir {
-        if d.join("summary.json").exists() || d.join("generations.jsonl").exists() {
+        if ["summary.json", "generations.jsonl", "hits.jsonl"]
+            .iter()
+            .any(|f| d.join(f).exists())
+        {
             bail!(
                 "{} already holds an evaluation; choose another --out",
                 d.display()
@@ -65,12 +71,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
     }
     eprintln!(
-        "eval: {} held-out rows ({} template, max {} tokens){}",
+        "eval: {} held-out rows ({} template, max {} tokens){}{}",
         held.examples.len(),
         spec.template,
         spec.max_len,
         if args.generate > 0 {
             format!(", replies for {}", args.generate.min(held.rows.len()))
+        } else {
+            String::new()
+        },
+        if args.hits > 0 {
+            format!(", Hits@1 of {} candidates", args.hits.min(held.rows.len()))
         } else {
             String::new()
         }
@@ -89,8 +100,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 max_new_tokens: args.max_new_tokens,
                 repetition_penalty: args.repetition_penalty,
                 pad_multiple: device.pad_multiple(),
+                hits: args.hits,
             },
             generations: out_dir.as_ref().map(|d| d.join("generations.jsonl")),
+            hits: out_dir.as_ref().map(|d| d.join("hits.jsonl")),
             names: (
                 args.model.model.clone(),
                 args.model.adapter.as_ref().map(|a| a.display().to_string()),
@@ -104,6 +117,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             compare_base: args.compare_base,
         },
     )?;
+    if let (Some(h), Some(n)) = (summary.hits_at_1, summary.hits_n) {
+        eprintln!(
+            "Hits@1 of {n} candidates: {h:.4}{}",
+            summary
+                .base_hits_at_1
+                .map_or(String::new(), |b| format!(" (base model: {b:.4})"))
+        );
+    }
     let line = serde_json::to_string(&summary)?;
     if let Some(d) = &out_dir {
         let path = d.join("summary.json");
@@ -120,6 +141,7 @@ struct Eval<'a> {
     spec: &'a EvalData,
     opts: EvalOptions,
     generations: Option<PathBuf>,
+    hits: Option<PathBuf>,
     names: (String, Option<String>, String),
     compare_base: bool,
 }
@@ -128,7 +150,7 @@ impl Job for Eval<'_> {
     type Output = EvalSummary;
     fn run<B: Nf4Backend>(self, device: B::Device) -> Result<EvalSummary> {
         let model = self.source.load::<B>(&device)?;
-        let base = if self.compare_base && self.opts.generate > 0 {
+        let base = if self.compare_base && (self.opts.generate > 0 || self.opts.hits > 0) {
             Some(Baseline(self.source.load_base::<B>(&device)?))
         } else {
             None
@@ -141,6 +163,7 @@ impl Job for Eval<'_> {
             self.spec,
             &self.opts,
             self.generations.as_deref(),
+            self.hits.as_deref(),
             self.names,
             base,
         )

@@ -47,6 +47,8 @@ pub struct EvalOptions {
     /// Batches widened to a multiple of this many positions (64 on GPUs; see
     /// [`LmBatcher::pad_multiple`]).
     pub pad_multiple: usize,
+    /// Hits@1 out of this many candidates per row (0 = off; ConvAI2 uses 20).
+    pub hits: usize,
 }
 
 /// The model without its adapter, to generate the same rows' replies with (`--compare-base`).
@@ -129,11 +131,21 @@ pub struct EvalSummary {
     pub base_f1: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generations: Option<PathBuf>,
+    /// Hits@1 out of `hits_n` candidates (`--hits`), and the base model's (`--compare-base`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hits_at_1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hits_n: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_hits_at_1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hits: Option<PathBuf>,
     pub seconds: f64,
 }
 
 /// Loss over `held.examples`, then replies for the first `opts.generate` rows, written as JSONL
-/// to `generations` (one line per row: prompt facts, reference, reply, F1).
+/// to `generations` (one line per row: prompt facts, reference, reply, F1), then Hits@1
+/// (`opts.hits` candidates per row, written to `hits_out`; see [`crate::hits`]).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate<B: Nf4Backend>(
     phi: Phi<B>,
@@ -143,6 +155,7 @@ pub fn evaluate<B: Nf4Backend>(
     spec: &EvalData,
     opts: &EvalOptions,
     generations: Option<&Path>,
+    hits_out: Option<&Path>,
     names: (String, Option<String>, String),
     base: Option<Baseline<B>>,
 ) -> Result<EvalSummary> {
@@ -248,7 +261,31 @@ pub fn evaluate<B: Nf4Backend>(
         out.flush()
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    let mut hits = None;
+    if opts.hits > 0 {
+        let path = hits_out.context("no output file for the Hits@1 rows")?;
+        let mut models = vec![("adapter", &model.phi)];
+        if let Some(Baseline(b)) = &base {
+            models.push(("base", b));
+        }
+        let (n, scores) = crate::hits::hits_at_1(
+            &models,
+            device,
+            tok,
+            held,
+            spec.template,
+            opts.hits,
+            path,
+            progress,
+        )?;
+        progress_done();
+        hits = Some((n, scores));
+    }
     Ok(EvalSummary {
+        hits_at_1: hits.as_ref().map(|(_, s)| s[0]),
+        hits_n: hits.as_ref().map(|(n, _)| *n),
+        base_hits_at_1: hits.as_ref().and_then(|(_, s)| s.get(1).copied()),
+        hits: hits.as_ref().and(hits_out.map(Path::to_path_buf)),
         model: names.0,
         adapter: names.1,
         quant: names.2,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dashboard;
 pub mod eval;
 pub mod f1;
+pub mod hits;
 pub mod lm;
 pub mod metrics;
 pub mod parallel;
