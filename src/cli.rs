@@ -1,4 +1,8 @@
 //! Command-line interface definitions.
+//!
+//! clap shows the doc comments below as `--help` text, so they are written for a terminal
+//! (`cuda[:N]`, `eval/<adapter name>`), not as rustdoc markup.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use clap::{Args, Parser, Subcommand};
 

@@ -13,7 +13,7 @@
 //!   then the count of kernels compiled and shapes tuned), so a user never faces minutes of
 //!   silence; a full-screen dashboard silences it ([`phitune_model::io::terminal_taken`]);
 //! - says at the end how many kernels the process compiled and tuned (the cold-start figures in
-//!   README come from that line).
+//!   docs/performance.md come from that line).
 //!
 //! A `cubecl.toml` in the working directory (or `CUBECL_*` variables) still applies: its
 //! settings are read first and only the cache locations and the log routing are changed.
@@ -40,7 +40,7 @@ pub struct Counts {
 static COMPILED: AtomicUsize = AtomicUsize::new(0);
 static TUNED: AtomicUsize = AtomicUsize::new(0);
 static CACHED: AtomicUsize = AtomicUsize::new(0);
-/// Milliseconds since [`start`] of the last compilation or tuning; 0 before the first.
+/// Milliseconds since [`setup`] of the last compilation or tuning; 0 before the first.
 static LAST_ACTIVITY_MS: AtomicU64 = AtomicU64::new(0);
 static STARTED: OnceLock<Instant> = OnceLock::new();
 static CACHE_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();

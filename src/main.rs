@@ -1,4 +1,8 @@
-//! `phitune`: fine-tune Phi-2 on persona-grounded dialogue with QLoRA, on Burn.
+//! `phitune`: fine-tune Phi-2 on persona-grounded dialogue with QLoRA, on Burn. The binary parses
+//! the command line (`cli.rs`), picks the backend and device (`backend.rs`, `gpu_kernels.rs` for
+//! CubeCL's compile cache and progress) and runs one command from `cmd/`; the work itself lives
+//! in the `phitune-model`, `phitune-data` and `phitune-train` crates. See ARCHITECTURE.md for the
+//! map of the workspace.
 
 // `unsafe` only where each use is named and justified: mimalloc's option call.
 #![deny(unsafe_code)]

@@ -11,9 +11,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use phitune_model::Checkpoint;
+use phitune_model::export::lora_gguf::{QkvLayout, base_layout};
 use phitune_model::io::adapter::{Adapter, module_path};
 use phitune_model::io::gguf::{GgmlType, GgufFile, GgufWriter, TensorInfo, Value, quantize};
-use phitune_model::io::lora_gguf::{QkvLayout, base_layout};
 
 fn tiny() -> PathBuf {
     common::fixtures().join("tiny-phi")
@@ -145,7 +145,7 @@ fn every_pair_is_the_adapters_delta_with_rslora_and_patterns_folded_into_b() {
         let f = GgufFile::open(&export(&dir, "peft-all-r8", ty, &[])).unwrap();
         assert_eq!(f.tensors.len(), 2 * ad.modules.len(), "{ty}");
         for (path, w) in &ad.modules {
-            let base = phitune_model::io::export::gguf_name(&format!("{path}.weight")).unwrap();
+            let base = phitune_model::export::gguf::gguf_name(&format!("{path}.weight")).unwrap();
             let (got, d_out, d_in) = pair_delta(&f, &base);
             assert_eq!((d_out, d_in), (w.d_out, w.d_in), "{base}");
             assert_close(&got, &w.delta(), rel, &format!("{ty} {base}"));

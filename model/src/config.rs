@@ -1,8 +1,10 @@
-//! `config.json` of an HF `PhiForCausalLM` checkpoint.
+//! The network's configuration: [`PhiConfig`], `config.json` of an HF `PhiForCausalLM`
+//! checkpoint, and [`LoraConfig`], the adapter's (PEFT's `adapter_config.json` fields).
 //!
-//! Field names are HF's, so the struct deserializes straight from the file. Nothing about
-//! phi-2's sizes is assumed: every dimension comes from here.
+//! Field names are HF's and PEFT's, so the structs deserialize straight from the files. Nothing
+//! about phi-2's sizes is assumed: every dimension comes from here.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -312,6 +314,113 @@ impl PhiConfig {
     /// microsoft/phi-2's configuration (for benchmarks with random weights).
     pub fn phi2() -> Self {
         Self::from_json(include_str!("phi2_config.json")).expect("built-in phi-2 config is valid")
+    }
+}
+
+/// The Linear layers of a Phi decoder layer that LoRA can adapt, by PEFT's names.
+pub const TARGETABLE: [&str; 6] = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Short names among [`TARGETABLE`].
+    pub target_modules: Vec<String>,
+    /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// PEFT's per-module overrides: pattern (matched against the end of the module path) -> value.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+impl LoraConfig {
+    /// The seed recipe's adapter: r=4, alpha=16, dropout 0.05 on q/k/v/dense.
+    pub fn seed() -> Self {
+        Self {
+            r: 4,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: ["q_proj", "k_proj", "v_proj", "dense"]
+                .map(String::from)
+                .to_vec(),
+            use_rslora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.r == 0 || self.r > 4096 {
+            return Err(format!("LoRA rank r = {} must be in 1..=4096", self.r));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(format!("lora_alpha {} must be positive", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("lora_dropout {} must be in [0, 1)", self.dropout));
+        }
+        if self.target_modules.is_empty() {
+            return Err("target_modules is empty".into());
+        }
+        for t in &self.target_modules {
+            if !TARGETABLE.contains(&t.as_str()) {
+                return Err(format!(
+                    "target module \"{t}\" is not one of Phi's adaptable layers ({})",
+                    TARGETABLE.join(", ")
+                ));
+            }
+        }
+        for (k, &r) in &self.rank_pattern {
+            if r == 0 || r > 4096 {
+                return Err(format!("rank_pattern[{k}] = {r} must be in 1..=4096"));
+            }
+        }
+        for (k, &a) in &self.alpha_pattern {
+            if !(a.is_finite() && a > 0.0) {
+                return Err(format!("alpha_pattern[{k}] = {a} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn targets(&self, short_name: &str) -> bool {
+        self.target_modules.iter().any(|t| t == short_name)
+    }
+
+    /// Rank and alpha for the module at `path` (e.g. `model.layers.3.mlp.fc1`), honouring the
+    /// patterns the way PEFT does: a key matches when the path ends with it at a dot boundary.
+    pub fn rank_alpha(&self, path: &str) -> (usize, f64) {
+        let r = self
+            .rank_pattern
+            .iter()
+            .find(|(k, _)| pattern_matches(k, path))
+            .map_or(self.r, |(_, &r)| r);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(k, _)| pattern_matches(k, path))
+            .map_or(self.alpha, |(_, &a)| a);
+        (r, alpha)
+    }
+
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// PEFT's `re.match(rf"(.*\.)?({key})$", name)`.
+pub fn pattern_matches(key: &str, path: &str) -> bool {
+    match regex::Regex::new(&format!(r"^(.*\.)?({key})$")) {
+        Ok(re) => re.is_match(path),
+        Err(_) => path == key || path.ends_with(&format!(".{key}")),
     }
 }
 

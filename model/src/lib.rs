@@ -1,5 +1,7 @@
-//! Phi-2 in Burn: the network, generation, the backend extension for its heavy ops, and weight
-//! and file I/O.
+//! `phitune-model`: Phi-2 in Burn: the network, generation, the backend extension for its heavy
+//! ops, weight and file I/O, and the exports built from them. It knows nothing of data sets or
+//! training; `phitune-data` and `phitune-train` build on it. See ARCHITECTURE.md at the
+//! repository's root for the map of the whole workspace.
 //!
 //! Everything is generic over `B: Backend`; the backend is chosen only by the binary.
 //!
@@ -8,14 +10,17 @@
 //!   (frozen base weights, dense or NF4), `packing.rs` (several examples per row).
 //! - Generation: `generate.rs`, `sampling.rs`, `tokenizer.rs`.
 //! - [`ops`]: the backend extension (NF4 and fused ops), one file or folder per backend.
-//! - [`io`]: safetensors, checkpoint directories, the hub, PEFT adapters, merged checkpoints,
-//!   file utilities.
+//! - [`io`]: the formats (safetensors, checkpoint directories, the hub, PEFT adapters, GGUF)
+//!   and file utilities; it imports nothing from the network.
+//! - [`export`]: what is built from a checkpoint and an adapter: merged HF checkpoints, GGUF
+//!   files for llama.cpp, GGUF LoRA adapters.
 // `unsafe` only where each use is named and justified (SAFETY comments): the sgemm call.
 #![deny(unsafe_code)]
 
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod frozen;
 pub mod generate;
 pub mod io;

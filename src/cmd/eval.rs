@@ -1,5 +1,6 @@
 //! `eval`: held-out loss/perplexity and, with --generate, replies scored by unigram F1.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
@@ -128,8 +129,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let line = serde_json::to_string(&summary)?;
     if let Some(d) = &out_dir {
         let path = d.join("summary.json");
-        std::fs::write(&path, format!("{line}\n"))
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        phitune_model::io::atomic_write(&path, |w| writeln!(w, "{line}"))?;
     }
     println!("{line}");
     Ok(())

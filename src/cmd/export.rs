@@ -126,7 +126,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         &eos,
         prompt.max_len,
     );
-    let report = phitune_model::io::export::export_gguf(
+    let report = phitune_model::export::gguf::export_gguf(
         &ckpt,
         adapter.as_ref(),
         quant,
@@ -178,7 +178,7 @@ fn export_lora(
     eos: &str,
     prompt: &super::PersonaPrompt,
 ) -> Result<()> {
-    use phitune_model::io::lora_gguf::{QkvLayout, base_layout, export_gguf_lora};
+    use phitune_model::export::lora_gguf::{QkvLayout, base_layout, export_gguf_lora};
     let layout = match &args.base_gguf {
         Some(p) => base_layout(p, ckpt.config())?,
         None => QkvLayout::Separate,

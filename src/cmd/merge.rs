@@ -31,7 +31,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             }
         );
     }
-    let report = phitune_model::io::merge::merge(
+    let report = phitune_model::export::merge::merge(
         &ckpt,
         &adapter,
         &args.out,

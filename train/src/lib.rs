@@ -1,7 +1,10 @@
-//! Fine-tuning Phi-2 with QLoRA on burn-train's Learner: configuration and presets, the
-//! learning-rate schedule, the training objective, the step loop (global-norm clipping,
-//! step-granular evaluation and checkpoints, exact resume), metrics and curves, and the
-//! held-out evaluation with generation.
+//! `phitune-train`: fine-tuning Phi-2 with QLoRA on burn-train's Learner: configuration and
+//! presets, preparing a run (`prepare.rs`) and running it (`run.rs`), the learning-rate schedule,
+//! the training objective, the step loop (global-norm clipping, step-granular evaluation and
+//! checkpoints, exact resume), data parallelism over devices and MPI ranks, metrics and curves,
+//! and the held-out evaluation with generation and Hits@1. Built on `phitune-model` and
+//! `phitune-data`; the binary chooses the backend. See ARCHITECTURE.md at the repository's root
+//! for the map of the whole workspace.
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
@@ -15,6 +18,7 @@ pub mod lm;
 pub mod metrics;
 pub mod parallel;
 pub mod plot;
+pub mod prepare;
 pub mod run;
 pub mod schedule;
 pub mod step_loop;
@@ -22,5 +26,6 @@ pub mod stream;
 pub mod world;
 
 pub use config::{Preset, QuantMode, TrainConfig, TrainFlags};
-pub use run::{Prepared, Request, Summary, prepare, train};
+pub use prepare::{Prepared, Request, prepare};
+pub use run::{Summary, train};
 pub use world::{SharedError, World};

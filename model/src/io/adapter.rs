@@ -8,9 +8,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
+use crate::config::{LoraConfig, TARGETABLE};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{Dtype, SafetensorsFile, TensorOut, f32_to_bytes};
-use crate::lora::{LoraConfig, TARGETABLE};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

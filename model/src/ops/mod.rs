@@ -1,6 +1,6 @@
 //! The backend extension: how each backend computes the model's heavy ops.
 //!
-//! Two traits over Burn's `Backend`, each op with a tensor-op default ([`reference`]):
+//! Two traits over Burn's `Backend`, each op with a tensor-op default ([`reference`](mod@reference)):
 //!
 //! - [`Nf4Backend`]: frozen base weights, stored `[out, in]` (PyTorch's layout) and applied as
 //!   `x @ W^T`: NF4 4-bit weights (QLoRA), which take the packed codes and absmax so the dense
@@ -76,7 +76,7 @@ pub fn set_allow_tf32(allow: bool) {
     ALLOW_TF32.store(allow, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The ops a GPU backend can send to their tensor-op form ([`reference`]) instead of its own
+/// The ops a GPU backend can send to their tensor-op form ([`reference`](mod@reference)) instead of its own
 /// kernel, named in `PHITUNE_REFERENCE_OPS` (comma-separated, or `all`): a bisection switch for
 /// when a device computes something wrong (`benches/gpu.sh` uses it to name the culprit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,7 +236,7 @@ pub struct CrossEntropy<B: Backend> {
     pub argmax: IntTensor<B>,
 }
 
-/// Fused element-wise ops. Each default is the tensor-op form in [`reference`].
+/// Fused element-wise ops. Each default is the tensor-op form in [`reference`](mod@reference).
 pub trait FusedOps: Backend {
     /// `lhs [..., m, k] @ rhs [..., k, n]` with equal batch dims: every product of the model
     /// (frozen and dequantized NF4 weights, LoRA, attention) goes through here. Burn's

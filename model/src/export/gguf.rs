@@ -1,7 +1,7 @@
 //! A Phi-2 checkpoint (with its LoRA adapter merged in) as one GGUF file that llama.cpp and
 //! Ollama load: the metadata, tokenizer and tensor names that llama.cpp's own converter
 //! (`convert_hf_to_gguf.py`, its `Phi2Model`) writes for `PhiForCausalLM`, and the weights in
-//! f32, f16, bf16, q8_0 or q4_0 ([`super::gguf`] is the format itself).
+//! f32, f16, bf16, q8_0 or q4_0 ([`crate::io::gguf`] is the format itself).
 //!
 //! Streams like [`super::merge`]: one tensor is read, merged, encoded and written at a time, into
 //! a temporary file beside the output that is renamed into place only once complete.
@@ -9,12 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use super::merge::{check_adapter, merged_f32};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::gguf::{Array, GgmlType, GgufWriter, TensorInfo, Value, quantize};
-use crate::io::merge::{check_adapter, merged_f32};
 use crate::phi::Quantization;
 
 /// llama.cpp's `llama_ftype` of a file whose large tensors are all `ty`.

@@ -1,7 +1,7 @@
 //! A LoRA adapter alone as llama.cpp's GGUF LoRA (what its `convert_lora_to_gguf.py` writes from
 //! a PEFT directory): `general.type = "adapter"`, `general.architecture = "phi2"`,
 //! `adapter.type = "lora"`, `adapter.lora.alpha` (f32), and per adapted weight `W` of the base
-//! (named as [`super::export::gguf_name`] names it) two tensors, `W.lora_a` (PEFT's A, `[r, in]`,
+//! (named as [`super::gguf::gguf_name`] names it) two tensors, `W.lora_a` (PEFT's A, `[r, in]`,
 //! ggml ne `[in, r]`) and `W.lora_b` (B, `[out, r]`, ne `[r, out]`). llama.cpp, and Ollama's
 //! `ADAPTER`, add `scale * B A x` to `W x` with `scale = alpha / r` of each pair.
 //!
@@ -14,10 +14,10 @@
 
 use std::path::Path;
 
+use super::gguf::{file_type, gguf_name};
 use crate::config::PhiConfig;
 use crate::error::{Error, Result};
 use crate::io::adapter::{Adapter, LoraWeights};
-use crate::io::export::{file_type, gguf_name};
 use crate::io::gguf::{GgmlType, GgufFile, GgufWriter, TensorInfo, Value, quantize};
 
 /// How the base model's GGUF holds the attention's q, k and v weights.
