@@ -24,7 +24,7 @@ fn a_phi2_shaped_checkpoint_exports() {
         std::fs::copy(tiny.join(f), model.join(f)).unwrap();
     }
     let phi2: serde_json::Value =
-        serde_json::from_str(include_str!("../model/src/phi2_config.json")).unwrap();
+        serde_json::from_str(include_str!("../../model/src/phi2_config.json")).unwrap();
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tiny.join("config.json")).unwrap()).unwrap();
     for key in [
