@@ -135,10 +135,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         &args.out,
         args.overwrite,
     )?;
-    phitune_model::io::atomic_write(&modelfile, |w| {
-        use std::io::Write;
-        w.write_all(text.as_bytes())
-    })?;
+    write_modelfile(&modelfile, &text)?;
     eprintln!(
         "wrote {} ({} tensors, {:.1} MB, {}{}{}) and {}",
         args.out.display(),
@@ -218,10 +215,7 @@ fn export_lora(
         &args.out,
         args.overwrite,
     )?;
-    phitune_model::io::atomic_write(&modelfile, |w| {
-        use std::io::Write;
-        w.write_all(text.as_bytes())
-    })?;
+    write_modelfile(&modelfile, &text)?;
     eprintln!(
         "wrote {} ({} LoRA pairs{}, {:.2} MB, {}, alpha {}{}) and {}",
         args.out.display(),
@@ -332,4 +326,11 @@ pub fn modelfile_text(
         eos.replace('\\', "\\\\").replace('"', "\\\"")
     );
     s
+}
+
+/// The Modelfile beside the GGUF, written atomically like the GGUF itself.
+fn write_modelfile(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    phitune_model::io::atomic_write(path, |w| w.write_all(text.as_bytes()))?;
+    Ok(())
 }

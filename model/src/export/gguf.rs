@@ -342,18 +342,7 @@ pub fn export_gguf(
     if let Some(a) = adapter {
         check_adapter(config, a)?;
     }
-    if out.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is a directory; --out names the .gguf file to write",
-            out.display()
-        )));
-    }
-    if out.exists() && !overwrite {
-        return Err(Error::Invalid(format!(
-            "{} exists; pass --overwrite to replace it",
-            out.display()
-        )));
-    }
+    super::check_out_file(out, overwrite)?;
     let meta = metadata(ckpt, ty, name)?;
     let tensors = config.expected_tensors();
     let mut infos = Vec::new();

@@ -248,18 +248,7 @@ pub fn export_gguf_lora(
             ty.name()
         )));
     }
-    if out.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} is a directory; --out names the .gguf file to write",
-            out.display()
-        )));
-    }
-    if out.exists() && !overwrite {
-        return Err(Error::Invalid(format!(
-            "{} exists; pass --overwrite to replace it",
-            out.display()
-        )));
-    }
+    super::check_out_file(out, overwrite)?;
     let pairs = lora_pairs(config, adapter, layout)?;
     if pairs.is_empty() {
         return Err(Error::Invalid("the adapter adapts no module".into()));

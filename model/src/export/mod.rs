@@ -11,3 +11,24 @@
 pub mod gguf;
 pub mod lora_gguf;
 pub mod merge;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// `out` may be written as one file: not a directory, and absent unless `overwrite`.
+fn check_out_file(out: &Path, overwrite: bool) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{} is a directory; --out names the .gguf file to write",
+            out.display()
+        )));
+    }
+    if out.exists() && !overwrite {
+        return Err(Error::Invalid(format!(
+            "{} exists; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    Ok(())
+}
