@@ -52,10 +52,10 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!(
-            "error: internal error: {}{at} (please report this)",
+        phitune_model::error::print_error_line(&format!(
+            "internal error: {}{at} (please report this)",
             msg.lines().next().unwrap_or("")
-        );
+        ));
     }));
 
     let cli = match cli::Cli::try_parse() {
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(|| cmd::run(cli.command)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", one_line(&e));
+            phitune_model::error::print_error_line(&one_line(&e));
             ExitCode::FAILURE
         }
         Err(_) => ExitCode::from(101),

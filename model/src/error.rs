@@ -45,3 +45,12 @@ impl Error {
         }
     }
 }
+
+/// Prints `error: {line}` and a newline on stderr in one write. `eprintln!` writes each piece of
+/// its format separately (stderr is unbuffered), and a launcher that forwards several
+/// processes' stderr (`mpirun`) can then put its own lines between `error: ` and the message.
+/// One write of a line under the pipe's atomic size (4 KiB) arrives whole.
+pub fn print_error_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("error: {line}\n").as_bytes());
+}

@@ -28,11 +28,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // would otherwise wait for it until their timeout).
         Err(e) if world.is_distributed() && !e.is::<phitune_train::SharedError>() => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!(
-                "error: rank {}: {}",
+            phitune_model::error::print_error_line(&format!(
+                "rank {}: {}",
                 world.rank(),
                 chain.join(": ").replace('\n', " ")
-            );
+            ));
             world.abort()
         }
         other => other,

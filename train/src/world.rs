@@ -467,7 +467,7 @@ mod mpi_world {
 
     /// Prints `line` (one line, as every error of the CLI) and ends the whole job.
     fn fail(world: &SimpleCommunicator, line: &str, abort_allowed: bool) -> ! {
-        eprintln!("error: {line}");
+        phitune_model::error::print_error_line(line);
         if abort_allowed {
             world.abort(1)
         }
