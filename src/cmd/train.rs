@@ -19,8 +19,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?);
     let result = run_in(args, world.clone());
     match result {
-        // The ranks reached that error together: rank 0 says it, once.
-        Err(e) if !world.is_root() && e.is::<phitune_train::SharedError>() => {
+        // The ranks reached that error together: rank 0 says it, once, and the others wait
+        // until it has. The launcher ends the whole job as soon as one rank exits with an
+        // error, which could otherwise kill rank 0 before its line is out.
+        Err(e) if world.is_distributed() && e.is::<phitune_train::SharedError>() => {
+            if world.is_root() {
+                phitune_model::error::print_error_line(&crate::one_line(&e));
+            }
+            let _ = world.sum_f64(&mut [0.0], "the error's report");
             drop(world);
             std::process::exit(1)
         }
